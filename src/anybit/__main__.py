@@ -1,0 +1,3 @@
+from anybit.cli import main
+
+raise SystemExit(main())

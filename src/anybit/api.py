@@ -1,0 +1,126 @@
+"""Library entry points behind the CLI: quantize a model, evaluate a model or checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from anybit import __version__
+from anybit.data import Corpus
+from anybit.errors import AnybitError
+from anybit.evaluate import perplexity
+from anybit.fileio import atomic_directory, check_output_dir, write_json_atomic
+from anybit.methods import build_method
+from anybit.models import load_model
+from anybit.pipeline import QuantizationResult, quantize_model
+
+REPORT_FILE = "anybit.json"
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AnybitError(f"device {device} requested but CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise AnybitError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    return device
+
+
+def layer_report(result: QuantizationResult) -> dict:
+    report = {}
+    for name, q in result.layers.items():
+        widths, counts = torch.unique(q.bits, return_counts=True)
+        report[name] = {
+            "shape": [q.out_features, q.in_features],
+            "grid": q.kind,
+            "bits_per_weight": round(q.bits_per_weight(), 6),
+            "index_bits_per_weight": round(q.index_bits_per_weight(), 6),
+            "widths": {str(int(w)): int(c) for w, c in zip(widths, counts)},
+            "stored_bits": q.storage_bits(),
+        }
+    return report
+
+
+def quantize(model: str, method: str, bits: float, out: str | Path | None = None, group_size: int = 0,
+             corpus: str = "shakespeare", nsamples: int = 64, seqlen: int = 512, device: str | None = None,
+             seed: int = 0, eval_corpus: str | None = "shakespeare-heldout", eval_windows: int = 64,
+             overwrite: bool = False, progress: bool = True, **method_options) -> dict:
+    """Quantize ``model`` with ``method`` at ``bits``; write ``out`` (if given); return the report."""
+    if nsamples < 1 or seqlen < 2:
+        raise AnybitError(f"need nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
+    if out is not None:
+        check_output_dir(Path(out), overwrite)
+    quantizer = build_method(method, bits, group_size, **method_options)
+    calib = Corpus(corpus)
+    evaluation = Corpus(eval_corpus) if eval_corpus else None
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+
+    t0 = time.perf_counter()
+    lm, tokenizer = load_model(model)
+    load_s = time.perf_counter() - t0
+    samples = calib.calibration(tokenizer, nsamples, seqlen, seed)
+    t0 = time.perf_counter()
+    result = quantize_model(lm, samples, quantizer, device=device, progress=progress)
+    total_s = time.perf_counter() - t0
+    report = {
+        "anybit_version": __version__,
+        "format": {"name": "anybit-dequantized", "version": 1, "weights_dtype": "float16"},
+        "model": model,
+        "method": method,
+        "settings": {"bits": bits, "group_size": group_size, **method_options},
+        "calibration": {"corpus": corpus, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "bits_per_weight": round(result.bits_per_weight(), 6),
+        "index_bits_per_weight": round(result.index_bits_per_weight(), 6),
+        "quantized_params": result.numel(),
+        "total_bits": result.total_bits(),
+        "timings_s": {"load": round(load_s, 3), "total": round(total_s, 3),
+                      **{k: round(v, 3) for k, v in result.timings.items()}},
+        "device": device,
+        "layers": layer_report(result),
+        "evaluation": {},
+    }
+    if evaluation is not None:
+        ids = evaluation.evaluation(tokenizer, seqlen)
+        ppl = perplexity(lm, ids, seqlen, eval_windows, device=device, progress=progress)
+        report["evaluation"][eval_corpus] = ppl.as_dict()
+    if out is not None:
+        save_dequantized(lm, tokenizer, report, Path(out), overwrite)
+    return report
+
+
+def save_dequantized(lm, tokenizer, report: dict, out: Path, overwrite: bool) -> None:
+    with atomic_directory(out, overwrite) as tmp:
+        lm.to(torch.float16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / REPORT_FILE, report)
+
+
+def read_report(path: str | Path) -> dict | None:
+    report = Path(path) / REPORT_FILE
+    if not report.is_file():
+        return None
+    try:
+        return json.loads(report.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AnybitError(f"{report} is unreadable: {exc}") from exc
+
+
+def evaluate(model: str, corpus: str = "shakespeare-heldout", seqlen: int = 512, windows: int = 64,
+             device: str | None = None, progress: bool = True) -> dict:
+    """Perplexity of a model, checkpoint directory or built-in name on ``corpus``."""
+    evaluation = Corpus(corpus)
+    device = resolve_device(device)
+    lm, tokenizer = load_model(model)
+    lm.to(device=device, dtype=torch.float32)
+    ppl = perplexity(lm, evaluation.evaluation(tokenizer, seqlen), seqlen, windows, device=device, progress=progress)
+    result = {"model": model, "corpus": corpus, **ppl.as_dict()}
+    report = read_report(model) if Path(model).is_dir() else None
+    if report is not None:
+        result["bits_per_weight"] = report.get("bits_per_weight")
+        result["method"] = report.get("method")
+    return result

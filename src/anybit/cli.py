@@ -1,0 +1,111 @@
+"""Command line: a thin layer over ``anybit.api``. User errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from anybit.errors import AnybitError
+
+DEMO_MODEL = "smollm2-135m"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="smollm2-135m, a Hugging Face directory, or a .gguf file")
+    p.add_argument("--method", required=True, help="rtn, gptq, squeezellm")
+    p.add_argument("--bits", type=float, required=True, help="bits per weight")
+    p.add_argument("--group-size", type=int, default=0, help="columns per group, 0 = per channel")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending diag(H)")
+    p.add_argument("--corpus", default="shakespeare", help="calibration corpus (default shakespeare)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-corpus", default="shakespeare-heldout", help="'none' to skip evaluation")
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anybit", description="Quantize language models to any bit budget.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize_args(sub.add_parser("quantize", help="quantize a model"))
+    ev = sub.add_parser("eval", help="perplexity of a model or anybit checkpoint")
+    ev.add_argument("model", help="checkpoint directory, Hugging Face directory, .gguf file or built-in name")
+    ev.add_argument("--corpus", default="shakespeare-heldout")
+    ev.add_argument("--windows", type=int, default=64, help="evaluation windows (default 64)")
+    _add_common(ev)
+    demo = sub.add_parser("demo", help=f"quantize {DEMO_MODEL} at the default budget; print quality and size")
+    demo.add_argument("--out", default="out/demo")
+    _add_common(demo)
+    return parser
+
+
+def _quantize(args) -> dict:
+    from anybit import api
+
+    options = {"act_order": True} if args.act_order else {}
+    return api.quantize(
+        args.model, args.method, args.bits, out=args.out, group_size=args.group_size, corpus=args.corpus,
+        nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
+        eval_corpus=None if args.eval_corpus == "none" else args.eval_corpus, eval_windows=args.eval_windows,
+        overwrite=args.overwrite, progress=not args.quiet, **options,
+    )
+
+
+def _print_summary(report: dict, out: str | None) -> None:
+    print(f"method {report['method']}  bits/weight {report['bits_per_weight']:.4f} "
+          f"(index bits {report['index_bits_per_weight']:.4f})  quantized params {report['quantized_params']}")
+    for corpus, ppl in report["evaluation"].items():
+        print(f"perplexity on {corpus}: {ppl['ppl']:.3f} ({ppl['tokens_scored']} tokens scored)")
+    if out:
+        print(f"wrote {out}")
+
+
+def _demo(args) -> None:
+    from anybit import api
+
+    report = api.quantize(DEMO_MODEL, "gptq", 4, group_size=128, out=args.out, device=args.device,
+                          seqlen=args.seqlen, overwrite=True, progress=not args.quiet)
+    fp = api.evaluate(DEMO_MODEL, seqlen=args.seqlen, device=args.device, progress=not args.quiet)
+    params = report["quantized_params"]
+    print(f"demo: {DEMO_MODEL}, gptq 4-bit g128, calibrated on shakespeare, scored on shakespeare-heldout")
+    print(f"  fp32 baseline perplexity      {fp['ppl']:.3f}")
+    q = report["evaluation"]["shakespeare-heldout"]
+    print(f"  quantized perplexity          {q['ppl']:.3f}")
+    print(f"  bits per quantized weight     {report['bits_per_weight']:.3f}")
+    print(f"  quantized linears, fp16 size  {params * 2 / 2**20:.1f} MiB")
+    print(f"  quantized linears, anybit     {report['total_bits'] / 8 / 2**20:.1f} MiB")
+    print(f"  checkpoint written to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "quantize":
+            _print_summary(_quantize(args), args.out)
+        elif args.command == "eval":
+            from anybit import api
+
+            result = api.evaluate(args.model, args.corpus, args.seqlen, args.windows, args.device, not args.quiet)
+            print(json.dumps(result))
+        elif args.command == "demo":
+            _demo(args)
+    except AnybitError as exc:
+        print(f"anybit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("anybit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

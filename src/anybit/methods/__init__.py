@@ -1,0 +1,18 @@
+"""Quantization methods: short recipes composed from the pure parts in ``anybit.quant``.
+
+A method is an object with ``name`` and ``quantize(weight, stats) -> QuantizedWeight``
+(``stats``: ``anybit.pipeline.LinearStats``). ``build_method`` checks the user's settings.
+"""
+
+from __future__ import annotations
+
+from anybit.errors import AnybitError
+from anybit.methods.baselines import GPTQ, RTN, SqueezeLLM
+
+METHODS = {cls.name: cls for cls in (RTN, GPTQ, SqueezeLLM)}
+
+
+def build_method(name: str, bits: float, group_size: int = 0, **options):
+    if name not in METHODS:
+        raise AnybitError(f"unknown method {name!r}: choose from {', '.join(sorted(METHODS))}")
+    return METHODS[name].from_options(bits=bits, group_size=group_size, **options)

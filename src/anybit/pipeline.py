@@ -1,0 +1,223 @@
+"""Sequential layer-wise calibration (GPTQ style): the driver that walks a model.
+
+Capture the first decoder block's inputs, then for each block: collect statistics of each
+linear's inputs, let the method quantize the linears, and re-run the block so the next block
+sees the quantized block's outputs. Only one block sits on the compute device at a time.
+The model runs with its KV cache off: replaying captured inputs through a block that holds a
+cache would let attention see earlier samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from anybit.models import block_linears, decoder_blocks
+from anybit.quant.qweight import QuantizedWeight
+
+
+@dataclass
+class LinearStats:
+    """What one calibration pass saw at a linear's input."""
+
+    hessian: torch.Tensor  # (in, in): mean of x x^T over calibration tokens
+    n_tokens: int
+    inputs: torch.Tensor | None = None  # a subsample of input rows, for methods that score outputs
+
+    @property
+    def act_sq(self) -> torch.Tensor:
+        """Mean squared activation per input channel, diag(H)."""
+        return torch.diag(self.hessian)
+
+
+class _StatsHook:
+    def __init__(self, in_features: int, device, keep_inputs: int):
+        self.h = torch.zeros(in_features, in_features, device=device)
+        self.n = 0
+        self.keep_inputs = keep_inputs
+        self.kept: list[torch.Tensor] = []
+
+    def __call__(self, module, args, output):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.h.addmm_(x.t(), x)
+        self.n += x.shape[0]
+        if self.keep_inputs:
+            self.kept.append(x[:: max(1, x.shape[0] // 64)].cpu())
+
+    def stats(self) -> LinearStats:
+        inputs = None
+        if self.keep_inputs:
+            inputs = torch.cat(self.kept)
+            step = max(1, inputs.shape[0] // self.keep_inputs)
+            inputs = inputs[::step][: self.keep_inputs]
+        return LinearStats(self.h / max(self.n, 1), self.n, inputs)
+
+
+class _Captured(Exception):
+    pass
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None:
+    """Move every parameter and buffer that does not belong to a decoder block."""
+    inside = {id(m) for blk in blocks for m in blk.modules()}
+    for module in model.modules():
+        if id(module) not in inside and module is not blocks:
+            module._apply(lambda t: t.to(device), recurse=False)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int, device):
+    """Run the model up to its first decoder block; return per-batch hidden states and kwargs."""
+    blocks = decoder_blocks(model)
+    _move_outside_blocks(model, blocks, device)
+    hiddens, kwargs_list = [], []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        hiddens.append(hidden)
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        kw["use_cache"] = False
+        kwargs_list.append(kw)
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, samples.shape[0], batch_size):
+            try:
+                model(samples[start : start + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return hiddens, kwargs_list
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hiddens, kwargs_list):
+    outs = []
+    for hidden, kw in zip(hiddens, kwargs_list):
+        out = block(hidden, **kw)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
+    """Linears in call order, grouped when they read the same input tensor (q/k/v, gate/up)."""
+    linears = block_linears(block)
+    calls: list[tuple[str, int]] = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, id(args[0]))))
+        for name, m in linears.items()
+    ]
+    try:
+        block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    for name, input_id in calls:
+        if name in {n for g in groups for n in g}:
+            continue
+        if groups and input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    return groups
+
+
+@dataclass
+class QuantizationResult:
+    layers: dict[str, QuantizedWeight] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def total_bits(self) -> int:
+        return sum(q.total_bits() for q in self.layers.values())
+
+    def numel(self) -> int:
+        return sum(q.numel for q in self.layers.values())
+
+    def bits_per_weight(self) -> float:
+        return self.total_bits() / max(self.numel(), 1)
+
+    def index_bits_per_weight(self) -> float:
+        return sum(q.code_bits() for q in self.layers.values()) / max(self.numel(), 1)
+
+
+@torch.no_grad()
+def collect_stats(block, groups: list[list[str]], hiddens, kwargs_list, keep_inputs: int = 0) -> dict[str, LinearStats]:
+    """Statistics for the linears of ``groups``; linears of one group share one input, so one
+    Hessian each. Each forward stops once the last group's input has been seen."""
+    linears = block_linears(block)
+    hooks = [_StatsHook(linears[g[0]].in_features, linears[g[0]].weight.device, keep_inputs) for g in groups]
+
+    def stop_after(hook):
+        def run(module, args, output):
+            hook(module, args, output)
+            raise _Captured
+        return run
+
+    handles = [linears[g[0]].register_forward_hook(h) for g, h in zip(groups[:-1], hooks[:-1])]
+    handles.append(linears[groups[-1][0]].register_forward_hook(stop_after(hooks[-1])))
+    try:
+        for hidden, kw in zip(hiddens, kwargs_list):
+            try:
+                block(hidden, **kw)
+            except _Captured:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for names, hook in zip(groups, hooks):
+        shared = hook.stats()
+        stats.update({n: shared for n in names})
+    return stats
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, samples: torch.Tensor, method, device="cpu", batch_size: int = 8,
+                   true_sequential: bool = True, progress: bool = True) -> QuantizationResult:
+    """Quantize every linear inside the decoder blocks of ``model`` in place with ``method``.
+
+    ``method.quantize(weight, stats) -> QuantizedWeight``; the block's weights are replaced by the
+    de-quantized values, so later blocks calibrate on the quantized model's activations.
+    """
+    result = QuantizationResult()
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    keep_inputs = getattr(method, "keep_inputs", 0)
+    needs_stats = getattr(method, "needs_stats", True)
+    t0 = time.perf_counter()
+    hiddens, kwargs_list = capture_block_inputs(model, samples, batch_size, device)
+    result.timings["calibration_forward"] += time.perf_counter() - t0
+    bar = tqdm(range(len(blocks)), desc=f"quantize ({getattr(method, 'name', 'method')})", disable=not progress)
+    for b in bar:
+        block = blocks[b].to(device)
+        linears = block_linears(block)
+        groups = sequential_groups(block, hiddens[0], kwargs_list[0])
+        for pass_groups in ([g] for g in groups) if true_sequential else [groups]:
+            t0 = time.perf_counter()
+            stats = collect_stats(block, pass_groups, hiddens, kwargs_list, keep_inputs) if needs_stats else {}
+            result.timings["statistics"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for name in (n for g in pass_groups for n in g):
+                linear = linears[name]
+                qweight = method.quantize(linear.weight.data, stats.get(name))
+                linear.weight.data = qweight.dequantize(linear.weight.dtype).to(linear.weight.device)
+                result.layers[f"{prefix}.{b}.{name}"] = qweight
+            result.timings["quantize"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hiddens = run_block(block, hiddens, kwargs_list)
+        result.timings["calibration_forward"] += time.perf_counter() - t0
+        blocks[b] = block.to("cpu") if device != "cpu" else block
+    if device != "cpu":
+        model.to(device)
+    return result

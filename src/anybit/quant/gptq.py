@@ -1,0 +1,85 @@
+"""GPTQ error feedback with a pluggable per-column quantizer.
+
+Columns are quantized one at a time; each column's error is pushed onto the columns not yet
+quantized through the upper Cholesky factor of H^-1 (Frantar et al., 2023). What grid a
+column lands on is the quantizer's business: RTN's affine grid, per-group widths (SliM-LLM) or
+a per-column k-means codebook (CLAQ) all plug in through ``ColumnQuantizer``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class ColumnQuantizer(Protocol):
+    group_size: int  # 0: one group spanning all columns
+
+    def start_group(self, cols: torch.Tensor, first: int) -> None:
+        """Called when GPTQ reaches column ``first`` (a group start), with the current,
+        error-compensated values of the group's columns (rows x group)."""
+
+    def quantize_column(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        """Return the de-quantized value of column ``col`` (in GPTQ's processing order)."""
+
+
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H)."""
+    h = h.clone()
+    damp = percdamp * torch.mean(torch.diag(h))
+    h.diagonal().add_(damp)
+    l = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+
+
+def act_order_permutation(h: torch.Tensor) -> torch.Tensor:
+    """Columns by descending diag(H): the most-excited inputs are quantized first."""
+    return torch.argsort(torch.diag(h), descending=True)
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    quantizer: ColumnQuantizer,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    perm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize ``w`` (rows x cols) column by column against Hessian ``h`` (cols x cols).
+
+    ``perm`` (e.g. ``act_order_permutation(h)``) sets the processing order; the quantizer sees
+    columns in that order. Returns the de-quantized matrix in the original column order.
+    """
+    w = w.detach().clone().float()
+    h = h.detach().clone().float()
+    cols = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    if perm is not None:
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    hinv = inverse_hessian_factor(h, percdamp)
+    group = quantizer.group_size or cols
+    q = torch.zeros_like(w)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                current = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group]
+                quantizer.start_group(current, col)
+            wc = w1[:, i]
+            qc = quantizer.quantize_column(wc, col)
+            q[:, col] = qc
+            err = (wc - qc) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q

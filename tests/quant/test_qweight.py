@@ -1,0 +1,53 @@
+import torch
+
+from anybit.quant.qweight import Outliers, QuantizedWeight
+
+
+def _affine(out=4, cols=10, bits=3, group=0, perm=None):
+    n_groups = -(-cols // group) if group else 1
+    codes = torch.randint(0, 2**bits, (out, cols), dtype=torch.uint8)
+    scales = torch.rand(out, n_groups).half()
+    zeros = torch.randint(0, 2**bits, (out, n_groups)).half()
+    return QuantizedWeight(out, cols, codes, torch.full((n_groups,), bits), scales=scales, zeros=zeros,
+                           group_size=group, perm=perm)
+
+
+def test_affine_dequantize_by_hand():
+    q = _affine(group=4)
+    w = q.dequantize()
+    for j in range(10):
+        g = j // 4
+        assert torch.allclose(w[:, j], q.scales[:, g].float() * (q.codes[:, j].float() - q.zeros[:, g].float()))
+
+
+def test_honest_bits_per_channel_and_group():
+    q = _affine(out=8, cols=576, bits=4)
+    assert q.total_bits() == 8 * 576 * 4 + 8 * 32
+    assert abs(q.bits_per_weight() - (4 + 32 / 576)) < 1e-9
+    g = _affine(out=8, cols=512, bits=3, group=128)
+    assert g.bits_per_weight() == 3.25
+    assert g.index_bits_per_weight() == 3.0
+
+
+def test_lut_rows_and_columns():
+    codes = torch.tensor([[0, 1, 2], [3, 0, 1]], dtype=torch.uint8)
+    lut = torch.arange(12, dtype=torch.float16).view(3, 4)
+    by_col = QuantizedWeight(2, 3, codes, torch.tensor([2, 2, 2]), lut=lut, lut_axis=1)
+    assert by_col.dequantize().tolist() == [[0, 5, 10], [3, 4, 9]]
+    by_row = QuantizedWeight(2, 3, codes, torch.tensor([2, 1]), lut=lut[:2], lut_axis=0)
+    assert by_row.dequantize().tolist() == [[0, 1, 2], [7, 4, 5]]
+    # mixed widths: codes 2*3*2 + 1*3, codebooks 16*(4+2), widths 8 per row
+    assert by_row.storage_bits() == {"codes": 9, "codebooks": 96, "widths": 16}
+
+
+def test_perm_input_scale_and_outliers():
+    perm = torch.tensor([2, 0, 1])
+    q = QuantizedWeight(1, 3, torch.tensor([[0, 1, 2]], dtype=torch.uint8), torch.tensor([2]),
+                        lut=torch.tensor([[10.0, 20.0, 30.0, 40.0]]).half(), perm=perm,
+                        input_scale=torch.tensor([1.0, 2.0, 4.0]).half(),
+                        outliers=Outliers(torch.tensor([0]), torch.tensor([-7.0]).half()))
+    # stored column k is original column perm[k]: original [20, 30, 10] / [1, 2, 4], then outlier at 0
+    assert q.dequantize().tolist() == [[-7.0, 15.0, 2.5]]
+    parts = q.storage_bits()
+    assert parts["perm"] == 3 * 16 and parts["input_scale"] == 3 * 16
+    assert parts["outliers"] == 1 * (16 + 16) + 2 * 32
