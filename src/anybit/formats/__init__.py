@@ -1,0 +1,1 @@
+"""On-disk formats: packing codes into words, packed checkpoints."""
