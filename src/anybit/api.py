@@ -13,11 +13,16 @@ from anybit.data import Corpus
 from anybit.errors import AnybitError
 from anybit.evaluate import perplexity
 from anybit.fileio import atomic_directory, check_output_dir, write_json_atomic
+from anybit.formats.checkpoint import FORMAT_VERSION, drop_source_quantizer, save_packed
 from anybit.methods import build_method
 from anybit.models import load_model
 from anybit.pipeline import QuantizationResult, quantize_model
 
 REPORT_FILE = "anybit.json"
+OUT_FORMATS = {  # --format name -> the report's description of what was written
+    "packed": {"name": "anybit-packed", "version": FORMAT_VERSION},
+    "dequantized": {"name": "anybit-dequantized", "version": 1, "weights_dtype": "float16"},
+}
 
 
 def resolve_device(device: str | None) -> str:
@@ -48,10 +53,13 @@ def layer_report(result: QuantizationResult) -> dict:
 def quantize(model: str, method: str, bits: float, out: str | Path | None = None, group_size: int = 0,
              corpus: str = "shakespeare", nsamples: int = 64, seqlen: int = 512, device: str | None = None,
              seed: int = 0, eval_corpus: str | None = "shakespeare-heldout", eval_windows: int = 64,
-             overwrite: bool = False, progress: bool = True, **method_options) -> dict:
-    """Quantize ``model`` with ``method`` at ``bits``; write ``out`` (if given); return the report."""
+             overwrite: bool = False, progress: bool = True, out_format: str = "packed", **method_options) -> dict:
+    """Quantize ``model`` with ``method`` at ``bits``; write ``out`` (if given) in ``out_format``
+    (one of OUT_FORMATS); return the report."""
     if nsamples < 1 or seqlen < 2:
         raise AnybitError(f"need nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
+    if out_format not in OUT_FORMATS:
+        raise AnybitError(f"unknown output format {out_format!r}: use {' or '.join(OUT_FORMATS)}")
     if out is not None:
         check_output_dir(Path(out), overwrite)
     quantizer = build_method(method, bits, group_size, **method_options)
@@ -61,7 +69,7 @@ def quantize(model: str, method: str, bits: float, out: str | Path | None = None
     torch.manual_seed(seed)
 
     t0 = time.perf_counter()
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, progress=progress)
     load_s = time.perf_counter() - t0
     samples = calib.calibration(tokenizer, nsamples, seqlen, seed)
     t0 = time.perf_counter()
@@ -69,7 +77,7 @@ def quantize(model: str, method: str, bits: float, out: str | Path | None = None
     total_s = time.perf_counter() - t0
     report = {
         "anybit_version": __version__,
-        "format": {"name": "anybit-dequantized", "version": 1, "weights_dtype": "float16"},
+        "format": OUT_FORMATS[out_format],
         "model": model,
         "method": method,
         "settings": {"bits": bits, "group_size": group_size, **method_options},
@@ -89,14 +97,21 @@ def quantize(model: str, method: str, bits: float, out: str | Path | None = None
         ppl = perplexity(lm, ids, seqlen, eval_windows, device=device, progress=progress)
         report["evaluation"][eval_corpus] = ppl.as_dict()
     if out is not None:
-        save_dequantized(lm, tokenizer, report, Path(out), overwrite)
+        save(lm, tokenizer, result, report, Path(out), overwrite, out_format)
     return report
 
 
-def save_dequantized(lm, tokenizer, report: dict, out: Path, overwrite: bool) -> None:
+def save(lm, tokenizer, result: QuantizationResult, report: dict, out: Path, overwrite: bool,
+         out_format: str = "packed") -> None:
+    """Write the checkpoint atomically: packed (``lm``'s quantized linears become ``AnybitLinear``)
+    or de-quantized fp16 weights; the report beside it either way."""
+    drop_source_quantizer(lm)
     with atomic_directory(out, overwrite) as tmp:
-        lm.to(torch.float16).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if out_format == "packed":
+            save_packed(lm, tokenizer, result.layers, tmp, method=report["method"], settings=report["settings"])
+        else:
+            lm.to(torch.float16).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / REPORT_FILE, report)
 
 
@@ -115,7 +130,7 @@ def evaluate(model: str, corpus: str = "shakespeare-heldout", seqlen: int = 512,
     """Perplexity of a model, checkpoint directory or built-in name on ``corpus``."""
     evaluation = Corpus(corpus)
     device = resolve_device(device)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, progress=progress)
     lm.to(device=device, dtype=torch.float32)
     ppl = perplexity(lm, evaluation.evaluation(tokenizer, seqlen), seqlen, windows, device=device, progress=progress)
     result = {"model": model, "corpus": corpus, **ppl.as_dict()}
@@ -124,3 +139,20 @@ def evaluate(model: str, corpus: str = "shakespeare-heldout", seqlen: int = 512,
         result["bits_per_weight"] = report.get("bits_per_weight")
         result["method"] = report.get("method")
     return result
+
+
+def evaluate_tasks(model: str, tasks: list[str], device: str | None = None, limit: int | None = None,
+                   batch_size: int = 8) -> dict:
+    """lm-evaluation-harness tasks (e.g. piqa, arc_easy) on a model or checkpoint, through lm_eval's
+    HFLM wrapped around the model anybit loaded (so packed checkpoints run packed)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise AnybitError("--tasks needs lm-evaluation-harness, which is not installed: "
+                          "pip install 'anybit[eval]' (or pip install lm_eval)") from None
+    device = resolve_device(device)
+    lm, tokenizer = load_model(model, device=device)
+    harness_model = HFLM(pretrained=lm, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    results = lm_eval.simple_evaluate(model=harness_model, tasks=[t.strip() for t in tasks if t.strip()], limit=limit)
+    return {"model": model, "tasks": results["results"]}

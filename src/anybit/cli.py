@@ -30,6 +30,8 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--out", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--format", choices=("packed", "dequantized"), default="packed",
+                   help="packed anybit checkpoint (default) or de-quantized fp16 weights")
     _add_common(p)
 
 
@@ -41,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="checkpoint directory, Hugging Face directory, .gguf file or built-in name")
     ev.add_argument("--corpus", default="shakespeare-heldout")
     ev.add_argument("--windows", type=int, default=64, help="evaluation windows (default 64)")
+    ev.add_argument("--tasks", help="lm-evaluation-harness tasks instead of perplexity, e.g. piqa,arc_easy")
+    ev.add_argument("--limit", type=int, help="with --tasks: examples per task")
     _add_common(ev)
+    ins = sub.add_parser("inspect", help="per-layer widths, bits per weight and sizes of a packed checkpoint")
+    ins.add_argument("checkpoint", help="packed anybit checkpoint directory")
+    ins.add_argument("--json", action="store_true", help="print the details as JSON")
     demo = sub.add_parser("demo", help=f"quantize {DEMO_MODEL} at the default budget; print quality and size")
     demo.add_argument("--out", default="out/demo")
     _add_common(demo)
@@ -56,8 +63,33 @@ def _quantize(args) -> dict:
         args.model, args.method, args.bits, out=args.out, group_size=args.group_size, corpus=args.corpus,
         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
         eval_corpus=None if args.eval_corpus == "none" else args.eval_corpus, eval_windows=args.eval_windows,
-        overwrite=args.overwrite, progress=not args.quiet, **options,
+        overwrite=args.overwrite, progress=not args.quiet, out_format=args.format, **options,
     )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _inspect(args) -> None:
+    from anybit.formats.checkpoint import inspect
+
+    info = inspect(args.checkpoint)
+    if args.json:
+        print(json.dumps(info))
+        return
+    print(f"{args.checkpoint}: anybit packed checkpoint, format {info['format_version']}, method {info['method']}")
+    width = max(len(name) for name in info["layers"])
+    print(f"{'layer':<{width}}  {'shape':>11}  {'grid':<6}  {'widths (bits:units)':<24}  {'bits/w':>7}  "
+          f"{'packed':>11}  {'fp16':>11}")
+    for name, layer in info["layers"].items():
+        widths = " ".join(f"{b}:{n}" for b, n in layer["widths"].items()) + " " + layer["units"]
+        shape = "x".join(map(str, layer["shape"]))
+        print(f"{name:<{width}}  {shape:>11}  {layer['grid']:<6}  {widths:<24}  {layer['bits_per_weight']:>7.4f}  "
+              f"{_size(layer['packed_bytes']):>11}  {_size(layer['fp16_bytes']):>11}")
+    params, packed, fp16 = info["quantized_params"], info["packed_bytes"], info["fp16_bytes"]
+    print(f"total: {params} quantized weights at {packed * 8 / params:.4f} bits/weight: packed {_size(packed)} "
+          f"vs fp16 {_size(fp16)} ({fp16 / packed:.2f}x smaller); other tensors {_size(info['other_bytes'])}")
 
 
 def _print_summary(report: dict, out: str | None) -> None:
@@ -94,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from anybit import api
 
-            result = api.evaluate(args.model, args.corpus, args.seqlen, args.windows, args.device, not args.quiet)
+            if args.tasks:
+                result = api.evaluate_tasks(args.model, args.tasks.split(","), args.device, args.limit)
+            else:
+                result = api.evaluate(args.model, args.corpus, args.seqlen, args.windows, args.device, not args.quiet)
             print(json.dumps(result))
+        elif args.command == "inspect":
+            _inspect(args)
         elif args.command == "demo":
             _demo(args)
     except AnybitError as exc:

@@ -62,15 +62,21 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     raise AnybitError(f"model {spec!r} not found: give a directory, a .gguf file, or one of: {known}")
 
 
-def _quiet_transformers():
+def _quiet_transformers(progress: bool):
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if progress:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True):
     """Load a causal LM and its tokenizer. Raises AnybitError for anything the user can fix."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    _quiet_transformers(progress)
     folder, gguf_file = resolve_model(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:

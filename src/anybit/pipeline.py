@@ -47,7 +47,7 @@ class _StatsHook:
         self.h.addmm_(x.t(), x)
         self.n += x.shape[0]
         if self.keep_inputs:
-            self.kept.append(x[:: max(1, x.shape[0] // 64)].cpu())
+            self.kept.append(x[::8].cpu())  # every 8th token: enough for a few thousand kept
 
     def stats(self) -> LinearStats:
         inputs = None
@@ -110,9 +110,9 @@ def run_block(block: nn.Module, hiddens, kwargs_list):
 def sequential_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
     """Linears in call order, grouped when they read the same input tensor (q/k/v, gate/up)."""
     linears = block_linears(block)
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their identities unique
     handles = [
-        m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, id(args[0]))))
+        m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, args[0])))
         for name, m in linears.items()
     ]
     try:
@@ -122,14 +122,14 @@ def sequential_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
             h.remove()
     groups: list[list[str]] = []
     last_input = None
-    for name, input_id in calls:
+    for name, x in calls:
         if name in {n for g in groups for n in g}:
             continue
-        if groups and input_id == last_input:
+        if groups and x is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_input = input_id
+        last_input = x
     return groups
 
 
@@ -183,41 +183,70 @@ def collect_stats(block, groups: list[list[str]], hiddens, kwargs_list, keep_inp
 
 
 @torch.no_grad()
+def walk_blocks(model: nn.Module, samples: torch.Tensor, visit, timings: dict, device="cpu", batch_size: int = 8,
+                true_sequential: bool = True, replace: bool = True, keep_inputs: int = 0,
+                needs_stats: bool = True, desc: str = "quantize", progress: bool = True) -> None:
+    """Walk the decoder blocks with calibration data, calling ``visit(name, weight, stats)`` per linear.
+
+    With ``replace`` the visit returns a QuantizedWeight whose de-quantized values replace the
+    weight, so later linears and blocks calibrate on the quantized model's activations (one
+    statistics pass per group of linears sharing an input when ``true_sequential``). Without it
+    the model is left as it is: a planning pass over full-precision activations.
+    """
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    t0 = time.perf_counter()
+    hiddens, kwargs_list = capture_block_inputs(model, samples, batch_size, device)
+    timings["calibration_forward"] += time.perf_counter() - t0
+    for b in tqdm(range(len(blocks)), desc=desc, disable=not progress):
+        block = blocks[b].to(device)
+        linears = block_linears(block)
+        groups = sequential_groups(block, hiddens[0], kwargs_list[0])
+        sequential = true_sequential and replace
+        for pass_groups in ([g] for g in groups) if sequential else [groups]:
+            t0 = time.perf_counter()
+            stats = collect_stats(block, pass_groups, hiddens, kwargs_list, keep_inputs) if needs_stats else {}
+            timings["statistics"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for name in (n for g in pass_groups for n in g):
+                linear = linears[name]
+                qweight = visit(f"{prefix}.{b}.{name}", linear.weight.data, stats.get(name))
+                if replace:
+                    linear.weight.data = qweight.dequantize(linear.weight.dtype).to(linear.weight.device)
+            timings["quantize" if replace else "plan"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hiddens = run_block(block, hiddens, kwargs_list)
+        timings["calibration_forward"] += time.perf_counter() - t0
+        blocks[b] = block.to("cpu") if device != "cpu" else block
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, samples: torch.Tensor, method, device="cpu", batch_size: int = 8,
                    true_sequential: bool = True, progress: bool = True) -> QuantizationResult:
     """Quantize every linear inside the decoder blocks of ``model`` in place with ``method``.
 
-    ``method.quantize(weight, stats) -> QuantizedWeight``; the block's weights are replaced by the
-    de-quantized values, so later blocks calibrate on the quantized model's activations.
+    ``method.quantize(weight, stats, name) -> QuantizedWeight``. A method that shares one budget
+    across layers also has ``plan(weight, stats, name)`` and ``finish_plan()``: it then sees every
+    layer once in a planning pass before the quantizing pass.
     """
     result = QuantizationResult()
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
-    keep_inputs = getattr(method, "keep_inputs", 0)
-    needs_stats = getattr(method, "needs_stats", True)
-    t0 = time.perf_counter()
-    hiddens, kwargs_list = capture_block_inputs(model, samples, batch_size, device)
-    result.timings["calibration_forward"] += time.perf_counter() - t0
-    bar = tqdm(range(len(blocks)), desc=f"quantize ({getattr(method, 'name', 'method')})", disable=not progress)
-    for b in bar:
-        block = blocks[b].to(device)
-        linears = block_linears(block)
-        groups = sequential_groups(block, hiddens[0], kwargs_list[0])
-        for pass_groups in ([g] for g in groups) if true_sequential else [groups]:
-            t0 = time.perf_counter()
-            stats = collect_stats(block, pass_groups, hiddens, kwargs_list, keep_inputs) if needs_stats else {}
-            result.timings["statistics"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for name in (n for g in pass_groups for n in g):
-                linear = linears[name]
-                qweight = method.quantize(linear.weight.data, stats.get(name))
-                linear.weight.data = qweight.dequantize(linear.weight.dtype).to(linear.weight.device)
-                result.layers[f"{prefix}.{b}.{name}"] = qweight
-            result.timings["quantize"] += time.perf_counter() - t0
+    common = dict(device=device, batch_size=batch_size, keep_inputs=getattr(method, "keep_inputs", 0),
+                  needs_stats=getattr(method, "needs_stats", True), progress=progress)
+    name = getattr(method, "name", "method")
+    if getattr(method, "needs_plan", False):
+        walk_blocks(model, samples, lambda n, w, s: method.plan(w, s, n), result.timings, replace=False,
+                    desc=f"plan ({name})", **common)
         t0 = time.perf_counter()
-        hiddens = run_block(block, hiddens, kwargs_list)
-        result.timings["calibration_forward"] += time.perf_counter() - t0
-        blocks[b] = block.to("cpu") if device != "cpu" else block
+        method.finish_plan()
+        result.timings["allocate"] += time.perf_counter() - t0
+
+    def visit(layer: str, weight, stats):
+        qweight = method.quantize(weight, stats, layer)
+        result.layers[layer] = qweight
+        return qweight
+
+    walk_blocks(model, samples, visit, result.timings, true_sequential=true_sequential,
+                desc=f"quantize ({name})", **common)
     if device != "cpu":
         model.to(device)
     return result

@@ -36,8 +36,9 @@ def test_lut_rows_and_columns():
     assert by_col.dequantize().tolist() == [[0, 5, 10], [3, 4, 9]]
     by_row = QuantizedWeight(2, 3, codes, torch.tensor([2, 1]), lut=lut[:2], lut_axis=0)
     assert by_row.dequantize().tolist() == [[0, 1, 2], [7, 4, 5]]
-    # mixed widths: codes 2*3*2 + 1*3, codebooks 16*(4+2), widths 8 per row
-    assert by_row.storage_bits() == {"codes": 9, "codebooks": 96, "widths": 16}
+    # mixed widths: codes 2*3*2 + 1*3, codebooks 16*(4+2), widths 8 per row; rows of 3 codes are
+    # packed 32 at a time, so each row stores 29 codes of padding at its width: (2 + 1) * 29
+    assert by_row.storage_bits() == {"codes": 9, "padding": 87, "codebooks": 96, "widths": 16}
 
 
 def test_perm_input_scale_and_outliers():

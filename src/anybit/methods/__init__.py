@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from anybit.errors import AnybitError
 from anybit.methods.baselines import GPTQ, RTN, SqueezeLLM
+from anybit.methods.claq import CLAQ
+from anybit.methods.cmpq import CMPQ
+from anybit.methods.skim import SKIM
+from anybit.methods.slim import SliM
 
-METHODS = {cls.name: cls for cls in (RTN, GPTQ, SqueezeLLM)}
+METHODS = {cls.name: cls for cls in (RTN, GPTQ, SqueezeLLM, SKIM, SliM, CMPQ, CLAQ)}
 
 
 def build_method(name: str, bits: float, group_size: int = 0, **options):

@@ -37,7 +37,7 @@ class RTN:
     def from_options(cls, bits, group_size=0, **_):
         return cls(integer_bits(cls.name, bits), check_group_size(group_size))
 
-    def quantize(self, weight, stats) -> QuantizedWeight:
+    def quantize(self, weight, stats, name=None) -> QuantizedWeight:
         codes, scales, zeros = rtn_quantize(weight.float(), self.bits, self.group_size)
         return _affine_weight(weight, codes, scales, zeros, self.bits, self.group_size)
 
@@ -57,7 +57,7 @@ class GPTQ:
     def from_options(cls, bits, group_size=0, act_order=False, percdamp=0.01, **_):
         return cls(integer_bits(cls.name, bits), check_group_size(group_size), act_order, percdamp)
 
-    def quantize(self, weight, stats) -> QuantizedWeight:
+    def quantize(self, weight, stats, name=None) -> QuantizedWeight:
         rows, cols = weight.shape
         n_groups = math.ceil(cols / self.group_size) if self.group_size else 1
         grid = AffineColumnQuantizer(rows, cols, torch.full((n_groups,), self.bits), self.group_size)
@@ -78,7 +78,7 @@ class SqueezeLLM:
     def from_options(cls, bits, **_):
         return cls(integer_bits(cls.name, bits))
 
-    def quantize(self, weight, stats) -> QuantizedWeight:
+    def quantize(self, weight, stats, name=None) -> QuantizedWeight:
         rows, cols = weight.shape
         sensitivity = stats.act_sq.to(weight.device)[None, :].expand(rows, cols)
         lut, codes = kmeans_codebooks(weight.float(), sensitivity, self.bits)

@@ -23,6 +23,7 @@ import torch
 
 FP16_BITS = 16
 WIDTH_BITS = 8  # one uint8 width per unit when widths are mixed
+PACK_CHUNK = 32  # the packed format stores codes 32 at a time along a row (formats/bitpack.py)
 
 
 def index_bits(n: int) -> int:
@@ -104,9 +105,24 @@ class QuantizedWeight:
     def code_bits(self) -> int:
         return int((self.bits.long() * self.unit_lengths()).sum())
 
+    def padding_bits(self) -> int:
+        """Code bits the packed format stores past the end of each packed row: codes go 32 at a time
+        along each lut unit, or along the columns of all groups of one width (affine)."""
+        if self.lut is not None:
+            length = self.in_features if self.lut_axis == 0 else self.out_features
+            return int(self.bits.long().sum()) * (-length % PACK_CHUNK)
+        widths = self.bits.cpu()
+        group_columns = self.unit_lengths() // self.out_features
+        return self.out_features * sum(
+            bits * (-int(group_columns[widths == bits].sum()) % PACK_CHUNK) for bits in widths.unique().tolist()
+        )
+
     def storage_bits(self) -> dict[str, int]:
         """Every stored bit, by part. Their sum over all parts is the honest size."""
         parts = {"codes": self.code_bits()}
+        padding = self.padding_bits()
+        if padding:
+            parts["padding"] = padding
         if self.lut is not None:
             parts["codebooks"] = int((FP16_BITS * (2 ** self.bits.long())).sum())
         else:

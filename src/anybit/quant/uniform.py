@@ -62,15 +62,15 @@ class AffineColumnQuantizer:
     """GPTQ column quantizer on min-max affine grids, one per row and group.
 
     ``group_bits`` gives each column group its width (uniform for GPTQ, mixed for SliM-LLM);
-    ``params_fn(cols, bits) -> (scale, zero)`` picks a group's grid (plain min-max by default,
-    SliM-LLM's salience-weighted search otherwise). Codes, scales and zeros are recorded in
+    ``params_fn(cols, bits, first) -> (scale, zero)`` picks a group's grid (plain min-max by
+    default, SliM-LLM's salience-weighted search otherwise). Codes, scales and zeros are recorded in
     processing order so the result can be stored as-is.
     """
 
     def __init__(self, rows: int, cols: int, group_bits: torch.Tensor, group_size: int, params_fn=None):
         self.group_size = group_size
         self.group_bits = group_bits
-        self.params_fn = params_fn or minmax_params
+        self.params_fn = params_fn or (lambda cols, bits, first: minmax_params(cols, bits))
         n_groups = group_bits.numel()
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8)
         self.scales = torch.zeros(rows, n_groups)
@@ -81,7 +81,7 @@ class AffineColumnQuantizer:
     def start_group(self, cols: torch.Tensor, first: int) -> None:
         g = first // (self.group_size or cols.shape[1])
         self._bits = int(self.group_bits[g])
-        self._scale, self._zero = self.params_fn(cols, self._bits)
+        self._scale, self._zero = self.params_fn(cols, self._bits, first)
         self.scales[:, g] = self._scale
         self.zeros[:, g] = self._zero
 

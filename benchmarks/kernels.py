@@ -1,0 +1,385 @@
+"""GPU benchmark and correctness check of the LUT linear kernels (anybit.kernels).
+
+    python benchmarks/kernels.py                 # checks, then the table (H100: ~3 min)
+    python benchmarks/kernels.py --sweep         # also time several tile configs per case
+    python benchmarks/kernels.py --smoke         # tiny, CPU + TRITON_INTERPRET=1: exercises this file
+
+Per LLaMA-2-7B / LLaMA-3-8B linear shape (out x in), width (2, 3, 4 bits, and 3.25 = 75% 3-bit
++ 25% 4-bit rows as two row blocks) and batch (1, 2, 4, 8, 16): the kernel's median time
+(``triton.testing.do_bench``, which also clears L2 before every call; besides, the weights
+rotate over several buffers), torch fp16 ``F.linear`` on the same shape, the bytes the kernel
+must read and write (codes + codebooks + row indices + x + y), achieved GB/s and the share of
+the measured copy bandwidth (a large device-to-device copy, bytes read + written). Before the
+timings: the kernels against the pure-torch reference on odd shapes, every width 1..8, fresh
+random inputs and NaN-poisoned outputs. Writes ``kernels.md`` and ``kernels.json`` to $OUT (or
+--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+sys.path.insert(0, SRC)
+if "anybit" not in sys.modules:  # import the kernels without the package's __init__ (transformers)
+    import types
+
+    _pkg = types.ModuleType("anybit")
+    _pkg.__path__ = [os.path.join(SRC, "anybit")]
+    sys.modules["anybit"] = _pkg
+
+from anybit.formats.bitpack import pack_bitplanes  # noqa: E402
+from anybit.kernels import lut_linear_ref  # noqa: E402
+from anybit.kernels import triton_lut as tk  # noqa: E402
+from anybit.kernels.reference import add_outliers_ref  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 4096)]
+WIDTHS = ["2", "3", "4", "3.25"]
+BATCHES = [1, 2, 4, 8, 16]
+TARGET_SHAPES = {(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 4096)}
+
+FMA_SWEEP = [(8, 16, 4, 2), (8, 16, 4, 1), (16, 8, 4, 2), (32, 4, 4, 2), (4, 32, 4, 2), (8, 32, 8, 2),
+             (16, 16, 8, 2), (4, 16, 2, 2)]
+DOT_SWEEP = [(16, 8, 4), (32, 4, 4), (64, 4, 4), (32, 8, 8), (16, 4, 4), (64, 2, 4)]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_block(rows, cols, bits, device, lut_dtype, gen):
+    """Random codes (packed) and sorted random codebooks. For whole chunks, uniformly random
+    words are uniformly random codes; odd column counts go through pack_bitplanes."""
+    if cols % 32 == 0:
+        packed = torch.randint(-2**31, 2**31, (rows, cols // 32 * bits), dtype=torch.int32, device=device)
+    else:
+        codes = torch.randint(0, 2**bits, (rows, cols), generator=gen)
+        packed = pack_bitplanes(codes, bits).to(device)
+    lut = (torch.randn(rows, 2**bits, device=device).sort(dim=1).values * 0.02).half()
+    return packed, lut.to(lut_dtype)  # an fp32 codebook is an upcast copy of the fp16 one
+
+
+def make_matrix(out_f, in_f, width, device, lut_dtype, gen):
+    """Row blocks [(codes, lut, bits, row_index or None)] of a matrix of the given width."""
+    if width != "3.25":
+        packed, lut = make_block(out_f, in_f, int(width), device, lut_dtype, gen)
+        return [(packed, lut, int(width), None)]
+    bits = torch.full((out_f,), 3, dtype=torch.long)
+    bits[torch.randperm(out_f, generator=gen)[: out_f // 4]] = 4
+    order = torch.sort(bits, stable=True).indices
+    blocks = []
+    for b in (3, 4):
+        idx = order[bits[order] == b]
+        packed, lut = make_block(idx.numel(), in_f, b, device, lut_dtype, gen)
+        blocks.append((packed, lut, b, idx.to(device)))
+    return blocks
+
+
+def block_bytes(blocks, in_f, out_f, batch, elem):
+    n = 0
+    for codes, lut, _, ridx in blocks:
+        n += codes.numel() * 4 + lut.numel() * lut.element_size()
+        if ridx is not None:
+            n += ridx.numel() * ridx.element_size()
+    return n + batch * (in_f + out_f) * elem
+
+
+def run_blocks(x, blocks, y, mode=None, config=None, use_asm=None):
+    for codes, lut, bits, ridx in blocks:
+        tk.launch_block(x, codes, lut, bits, x.shape[1], y, ridx, mode=mode, config=config, use_asm=use_asm)
+    return y
+
+
+def ref_blocks(x, blocks, out_f, input_scale=None, outliers=None):
+    y = torch.full((x.shape[0], out_f), float("nan"), dtype=x.dtype, device=x.device)
+    for codes, lut, bits, ridx in blocks:
+        lut_linear_ref(x, codes, lut, bits, x.shape[1], ridx, y, input_scale=input_scale, out_features=out_f)
+    if outliers is not None:
+        add_outliers_ref(x, outliers, y)
+    return y
+
+
+def rel_err(y, ref):
+    y, ref = y.double(), ref.double()
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def random_csr(rows, cols, density, device, gen):
+    mask = torch.rand(rows, cols, generator=gen) < density
+    dense = torch.where(mask, torch.randn(rows, cols, generator=gen) * 0.1, torch.zeros(()))
+    s = dense.to_sparse_csr()
+    return (s.crow_indices().to(torch.int32).to(device), s.col_indices().to(torch.int32).to(device),
+            s.values().half().to(device))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def correctness(device, quick):
+    """Kernels vs reference: odd shapes, widths 1..8, both kernels, asm on/off, fp16/bf16,
+    fp16/fp32 codebooks, row_index, input_scale and outliers; NaN-poisoned outputs."""
+    gen = torch.Generator().manual_seed(1234)
+    cases = []
+    shapes = [(37, 200), (129, 1000), (300, 4100)] if not quick else [(37, 200)]
+    widths = range(1, 9) if not quick else (1, 3, 8)
+    for (rows, cols), bits in itertools.product(shapes, widths):
+        for batch in ((1, 3, 16, 17) if not quick else (1, 3)):
+            for mode in ("fma", "dot"):
+                for asm in ((False, True) if device == "cuda" else (False,)):
+                    cases.append((rows, cols, bits, batch, mode, asm))
+    fails = []
+    worst = 0.0
+    n = 0
+    for rows, cols, bits, batch, mode, asm in cases:
+        for xdt, ldt, extra in ((torch.float16, torch.float16, ""), (torch.float16, torch.float32, "ridx"),
+                                (torch.bfloat16, torch.float16, "scale"), (torch.float16, torch.float32, "scale+out")):
+            if quick and extra == "scale+out" and bits != 3:
+                continue
+            out_f = rows + 5 if "ridx" in extra or "out" in extra else rows
+            packed, lut = make_block(rows, cols, bits, device, ldt, gen)
+            if asm and not tk.aligned_for_asm(lut, bits):
+                continue
+            ridx = None
+            if out_f != rows:
+                ridx = torch.randperm(out_f, generator=gen)[:rows].to(device)
+            x = torch.randn(batch, cols, generator=gen).to(device, xdt)
+            scale = (torch.rand(cols, generator=gen) + 0.5).half().to(device) if "scale" in extra else None
+            outl = random_csr(out_f, cols, 0.01, device, gen) if "out" in extra else None
+            y = torch.full((batch, out_f), float("nan"), dtype=xdt, device=device)
+            tk.launch_block(x, packed, lut, bits, cols, y, ridx, scale, mode=mode, use_asm=asm)
+            if outl is not None:
+                tk.launch_outliers(x, *outl, y)
+            ref = torch.full_like(y, float("nan"))
+            lut_linear_ref(x, packed, lut, bits, cols, ridx, ref, input_scale=scale, outliers=outl)
+            written = ref.isfinite()
+            tol = 1e-3 if xdt == torch.float16 else 1e-2
+            err = rel_err(y[written], ref[written])
+            untouched = y[~written].isnan().all().item()
+            n += 1
+            if xdt == torch.float16:
+                worst = max(worst, err)
+            if not (err < tol and untouched):
+                fails.append(f"rows={rows} cols={cols} bits={bits} batch={batch} mode={mode} asm={asm} "
+                             f"x={xdt} lut={ldt} {extra}: err={err:.2e} untouched={untouched}")
+    return n, worst, fails
+
+
+def check_case(x, blocks, out_f, y, step=2048):
+    """Relative error of y against the reference, computed a slice of rows at a time."""
+    ref = torch.full_like(y, float("nan"))
+    for codes, lut, bits, ridx in blocks:
+        for r0 in range(0, codes.shape[0], step):
+            sl = slice(r0, r0 + step)
+            dst = ridx[sl] if ridx is not None else torch.arange(r0, min(r0 + step, codes.shape[0]), device=y.device)
+            lut_linear_ref(x, codes[sl], lut[sl], bits, x.shape[1], dst, ref, out_features=out_f)
+    return rel_err(y, ref)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def bench(fn, device):
+    if device != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def copy_bandwidth(device):
+    n = (1 << 30) if device == "cuda" else (1 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    a.random_(0, 255)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), device)
+    return 2 * n / (ms * 1e-3)
+
+
+def rotating(make, nbuf):
+    bufs = [make(i) for i in range(nbuf)]
+    it = itertools.cycle(bufs)
+    return bufs, it
+
+
+def profile(device):
+    """Run the default kernels of a few cases a few times each, for a profiler to pick up."""
+    gen = torch.Generator().manual_seed(3)
+    for (out_f, in_f), width, batch in [((11008, 4096), "3", 1), ((4096, 11008), "3", 1), ((11008, 4096), "3", 16)]:
+        blocks = make_matrix(out_f, in_f, width, device, torch.float32, gen)
+        x = torch.randn(batch, in_f, generator=gen).to(device, torch.float16)
+        y = torch.empty(batch, out_f, dtype=torch.float16, device=device)
+        for _ in range(3):
+            run_blocks(x, blocks, y)
+        torch.cuda.synchronize()
+        log(f"profiled {out_f}x{in_f} w={width} b={batch}")
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="time several tile configs per case")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
+    ap.add_argument("--quick-check", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shapes", default="", help="e.g. 11008x4096,4096x11008")
+    ap.add_argument("--widths", default="", help="e.g. 3,3.25")
+    ap.add_argument("--batches", default="", help="e.g. 1,16")
+    ap.add_argument("--profile", action="store_true", help="only run a few kernels once (for ncu)")
+    ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sweeps/cases are skipped")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    shapes = SHAPES if not args.smoke else [(40, 96), (24, 160)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    batches = BATCHES if not args.smoke else [1, 3]
+    if args.batches:
+        batches = [int(v) for v in args.batches.split(",")]
+    widths = args.widths.split(",") if args.widths else WIDTHS
+    if args.profile:
+        return profile(device)
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        pass
+    log(json.dumps(info))
+
+    t0 = time.time()
+    n, worst, fails = correctness(device, quick=args.smoke or args.quick_check)
+    log(f"correctness: {n} cases, worst fp16 rel err {worst:.2e}, {len(fails)} failures ({time.time() - t0:.0f}s)")
+    for f in fails[:40]:
+        log("  FAIL", f)
+    info["checks"] = {"cases": n, "worst_fp16_rel_err": worst, "failures": fails}
+
+    bw = copy_bandwidth(device)
+    info["copy_bandwidth_GBps"] = bw / 1e9
+    log(f"copy bandwidth (read + write): {bw / 1e9:.0f} GB/s")
+
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    rows_out = []
+    sweeps = []
+    for (out_f, in_f), width in itertools.product(shapes, widths):
+        if time.time() - t0 > args.budget:
+            log(f"time budget spent: skipping {out_f}x{in_f} w={width}")
+            continue
+        sweep_now = args.sweep and time.time() - t0 < 0.75 * args.budget
+        per_w = out_f * in_f * 2
+        nbuf = max(2, min(8, int(400e6 // max(1, per_w // 4))))
+        if device != "cuda":
+            nbuf = 2
+        lut_dtype = torch.float32
+        mats, mit = rotating(lambda i: make_matrix(out_f, in_f, width, device, lut_dtype, gen), nbuf)
+        ws, wit = rotating(lambda i: (torch.randn(out_f, in_f, device=device) * 0.02).to(torch.float16),
+                           max(2, min(8, int(400e6 // per_w))) if device == "cuda" else 2)
+        for batch in batches:
+            x = torch.randn(batch, in_f, generator=gen).to(device, torch.float16)
+            y = torch.full((batch, out_f), float("nan"), dtype=torch.float16, device=device)
+            run_blocks(x, mats[0], y)
+            err = check_case(x, mats[0], out_f, y)
+            t_k = bench(lambda: run_blocks(x, next(mit), y), device)
+            t_f = bench(lambda: F.linear(x, next(wit)), device)
+            nbytes = block_bytes(mats[0], in_f, out_f, batch, 2)
+            gbs = nbytes / (t_k * 1e-3) / 1e9
+            row = dict(shape=f"{out_f}x{in_f}", width=width, batch=batch, us=t_k * 1e3, fp16_us=t_f * 1e3,
+                       bytes=nbytes, GBps=gbs, pct_copy=100 * gbs * 1e9 / bw, speedup=t_f / t_k, rel_err=err)
+            rows_out.append(row)
+            log(f"{row['shape']:>11} w={width:>4} b={batch:>2}: {row['us']:8.2f} us  fp16 {row['fp16_us']:8.2f} us"
+                f"  {gbs:7.0f} GB/s  {row['pct_copy']:5.1f}%  x{row['speedup']:.2f}  err {err:.1e}")
+            if sweep_now and batch in (1, 2, 16):
+                if batch == 1:
+                    plan = [("fma", c, True) for c in FMA_SWEEP] + [("fma", (32, 4, 4), False), ("dot", None, True)]
+                elif batch == 2:
+                    plan = [("fma", None, True), ("dot", None, True)]
+                else:
+                    plan = [("dot", c, True) for c in DOT_SWEEP] + [("dot", None, False)]
+                if width == "3.25":
+                    plan = [p for p in plan if p[2]]
+                for mode, cfg, asm in plan:
+                    try:
+                        yy = torch.full_like(y, float("nan"))
+                        run_blocks(x, mats[0], yy, mode, cfg, asm)
+                        e = check_case(x, mats[0], out_f, yy)
+                        t = bench(lambda: run_blocks(x, next(mit), yy, mode, cfg, asm), device)
+                    except Exception as ex:  # a config that does not compile or fit
+                        log(f"    sweep {mode} {cfg} asm={asm}: {type(ex).__name__}: {str(ex)[:200]}")
+                        continue
+                    sweeps.append(dict(shape=f"{out_f}x{in_f}", width=width, batch=batch, mode=mode,
+                                       config=list(cfg) if cfg else "default", asm=asm, us=t * 1e3, rel_err=e))
+                    log(f"    sweep {mode} {cfg or 'default'} asm={asm}: {t * 1e3:8.2f} us err {e:.1e}")
+                if width == "3" and batch == 1:
+                    mats16 = [[(c, lu.half(), b, r) for c, lu, b, r in m] for m in mats]
+                    it16 = itertools.cycle(mats16)
+                    t = bench(lambda: run_blocks(x, next(it16), y), device)
+                    sweeps.append(dict(shape=f"{out_f}x{in_f}", width=width, batch=batch, mode="default",
+                                       config="fp16 lut", asm=True, us=t * 1e3))
+                    log(f"    fp16 codebooks: {t * 1e3:8.2f} us")
+        del mats, ws
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    info["copy_bandwidth_GBps"] = bw / 1e9
+    info["rows"] = rows_out
+    info["sweeps"] = sweeps
+    lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info.get('triton', '-')}; {info['date']}; "
+             f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write).", "",
+             "| shape (out x in) | bits | batch | kernel us | fp16 F.linear us | bytes | GB/s | % of copy bw | speed-up |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows_out:
+        lines.append(f"| {r['shape']} | {r['width']} | {r['batch']} | {r['us']:.2f} | {r['fp16_us']:.2f} | "
+                     f"{r['bytes'] / 1e6:.2f} MB | {r['GBps']:.0f} | {r['pct_copy']:.1f} | {r['speedup']:.2f} |")
+    table = "\n".join(lines)
+    # targets of issue #5
+    verdict = []
+    for r in rows_out:
+        key = tuple(int(v) for v in r["shape"].split("x"))
+        if r["batch"] == 1 and r["width"] in ("3", "3.25") and key in TARGET_SHAPES:
+            ok = r["pct_copy"] >= 70 and r["speedup"] >= 3
+            verdict.append(f"{r['shape']} w={r['width']} b=1: {r['pct_copy']:.1f}% of copy bw, x{r['speedup']:.2f} "
+                           f"-> {'met' if ok else 'MISSED'}")
+        if r["batch"] > 1 and r["speedup"] < 1:
+            verdict.append(f"{r['shape']} w={r['width']} b={r['batch']}: slower than fp16 (x{r['speedup']:.2f}) -> MISSED")
+    info["verdict"] = verdict
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(table + "\n\n" + "\n".join(verdict) + "\n")
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    log("")
+    log(table)
+    log("")
+    log("\n".join(verdict))
+    log(f"total {time.time() - t0:.0f}s")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

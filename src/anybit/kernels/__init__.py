@@ -1,0 +1,110 @@
+"""LUT linear kernels: ``y = x @ W^T`` for per-row codebook weights with bit-plane packed codes.
+
+Public entry points:
+
+- ``lut_linear(x, codes, lut, bits, in_features, row_index=None, out=None, *, input_scale=None,
+  outliers=None, out_features=None)``: one width block. ``codes`` int32 (rows_b, ceil(in/32) * bits)
+  from ``anybit.formats.bitpack.pack_bitplanes``; ``lut`` (rows_b, >= 2**bits) fp16 or fp32
+  (an fp32 copy is faster on CUDA at batch 1); row r of the block is written to column
+  ``row_index[r]`` of ``out`` (other columns untouched). ``input_scale`` divides x per input
+  column; ``outliers`` (sparse CSR (out_features x in_features), or a (crow, col, values) tuple)
+  adds ``x @ S^T`` on the raw x once the block is written -- pass it with one block only.
+- ``lut_linear_blocks(x, blocks, out_features, *, input_scale=None, outliers=None, out=None)``:
+  a mixed-width matrix as its width blocks ``(codes, lut, bits, row_index)``, one launch per block
+  and one for the outliers, all writing straight into one output.
+
+On CUDA tensors these run the Triton kernels (``triton_lut``); elsewhere, or with
+``ANYBIT_KERNELS=reference`` in the environment, the pure-torch reference (``reference``), which
+is the same function. Activations fp16, bf16 or fp32; accumulation in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from anybit.kernels.reference import (
+    add_outliers_ref,
+    check_block,
+    csr_parts,
+    lut_linear_ref,
+    output_for,
+)
+
+__all__ = ["lut_linear", "lut_linear_blocks", "lut_linear_ref", "triton_available", "use_triton"]
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether ``lut_linear`` runs the Triton kernels for an input on ``x``'s device."""
+    if os.environ.get("ANYBIT_KERNELS", "").lower() == "reference":
+        return False
+    return x.is_cuda and triton_available()
+
+
+def _triton():
+    from anybit.kernels import triton_lut
+
+    return triton_lut
+
+
+def _prepare(x, in_features, out, row_index, rows, out_features):
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, expected {in_features}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    y2 = output_for(x2, rows, row_index, out, out_features, lead)
+    if y2.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last dimension")
+    return lead, x2, y2
+
+
+def lut_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, bits: int, in_features: int,
+               row_index: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
+               input_scale: torch.Tensor | None = None, outliers=None,
+               out_features: int | None = None) -> torch.Tensor:
+    """y[..., row_index[r]] = sum_k x[..., k] / input_scale[k] * lut[r, code[r, k]] (+ x @ S^T)."""
+    bits = int(bits)
+    if not use_triton(x):
+        return lut_linear_ref(x, codes, lut, bits, in_features, row_index, out,
+                              input_scale=input_scale, outliers=outliers, out_features=out_features)
+    check_block(codes, lut, bits, in_features)
+    lead, x2, y2 = _prepare(x, in_features, out, row_index, codes.shape[0], out_features)
+    tk = _triton()
+    tk.launch_block(x2, codes, lut, bits, in_features, y2, row_index, input_scale)
+    if outliers is not None:
+        tk.launch_outliers(x2, *csr_parts(outliers), y2)
+    return y2.view(*lead, y2.shape[-1])
+
+
+def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features: int, *,
+                      input_scale: torch.Tensor | None = None, outliers=None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """A mixed-width matrix: ``blocks`` of (codes, lut, bits, row_index) covering every output row."""
+    in_features = x.shape[-1]
+    blocks = list(blocks)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+    if use_triton(x):
+        lead, x2, y2 = _prepare(x, in_features, out, 0, 0, out_features)
+        tk = _triton()
+        for codes, lut, bits, row_index in blocks:
+            check_block(codes, lut, int(bits), in_features)
+            tk.launch_block(x2, codes, lut, int(bits), in_features, y2, row_index, input_scale)
+        if outliers is not None:
+            tk.launch_outliers(x2, *csr_parts(outliers), y2)
+        return out
+    for codes, lut, bits, row_index in blocks:
+        lut_linear_ref(x, codes, lut, int(bits), in_features, row_index, out, input_scale=input_scale)
+    if outliers is not None:
+        add_outliers_ref(x.reshape(-1, in_features), outliers, out.view(-1, out_features))
+    return out

@@ -1,0 +1,392 @@
+"""Triton kernels for LUT (per-row codebook) linear layers on bit-plane packed codes.
+
+One launch handles one width block: ``y[m, row_index[r]] = sum_k xs[m, k] * lut[r, code[r, k]]``
+(``reference.py`` is the exact function). Codes come from ``pack_bitplanes``: per row and chunk
+of 32 columns, ``BITS`` int32 words, word ``p`` holding bit ``p`` of the 32 codes.
+
+Decoding (what costs instructions; the bytes are few): for a column offset ``s`` in 0..7 the bits
+of columns ``s, s+8, s+16, s+24`` of plane ``p`` go into the 4 bytes of one word with one shift
+and one mask (``(w_p >> (s - p)) & (0x01010101 << p)``): ``BITS`` shifts and masks give 4 codes
+("code4"), one per byte. Each value is then a gather from the row's ``2**BITS`` codebook entries,
+which stay in L1. On CUDA (``ASM``) the codes are built pre-scaled to byte offsets and OR-ed with
+the low address byte of the row's codebook, so one PRMT per value makes its address (this needs
+the row's codebook aligned to its size: ``aligned_for_asm``). The 32 values of a chunk are joined
+so that each thread holds 32 consecutive columns of one (row, chunk); the tile then feeds fp32
+FMAs (batch 1: ``_lut_fma_kernel``) or a tensor-core ``tl.dot`` (``_lut_dot_kernel``, batches of
+up to 16 per launch). An fp32 copy of the codebook (``LUT32``) saves the fp16 -> fp32 conversion
+of every value on the FMA path.
+
+Sparse outliers (``y += x @ S^T``, CSR) are added by ``_csr_add_kernel`` after the blocks.
+Every kernel here also runs under ``TRITON_INTERPRET=1`` on CPU tensors (with ``ASM`` off).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- decoding helpers
+
+
+@triton.jit
+def _shift(w, n: tl.constexpr):
+    """Logical shift of uint32 ``w`` right by ``n`` (left by ``-n`` when negative)."""
+    if n > 0:
+        return w >> n
+    elif n < 0:
+        return w << (-n)
+    else:
+        return w
+
+
+@triton.jit
+def _code4(w0, w1, w2, w3, w4, w5, w6, w7, base, S: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+    """Codes of columns S, S+8, S+16, S+24 of each chunk, one per byte, shifted left by D
+    (D = log2 of the entry size in bytes when building addresses), OR-ed with ``base``."""
+    c = (_shift(w0, S - D) & (0x01010101 << D)) | base
+    if BITS > 1:
+        c = c | (_shift(w1, S - 1 - D) & (0x02020202 << D))
+    if BITS > 2:
+        c = c | (_shift(w2, S - 2 - D) & (0x04040404 << D))
+    if BITS > 3:
+        c = c | (_shift(w3, S - 3 - D) & (0x08080808 << D))
+    if BITS > 4:
+        c = c | (_shift(w4, S - 4 - D) & (0x10101010 << D))
+    if BITS > 5:
+        c = c | (_shift(w5, S - 5 - D) & (0x20202020 << D))
+    if BITS > 6:
+        c = c | (_shift(w6, S - 6 - D) & (0x40404040 << D))
+    if BITS > 7:
+        c = c | (_shift(w7, S - 7 - D) & (0x80808080 << D))
+    return c
+
+
+@triton.jit
+def _gather4(lbase, c):
+    """Codebook values of the 4 codes in the bytes of ``c`` (portable loads)."""
+    v0 = tl.load(lbase + (c & 0xFF).to(tl.int32))
+    v1 = tl.load(lbase + ((c >> 8) & 0xFF).to(tl.int32))
+    v2 = tl.load(lbase + ((c >> 16) & 0xFF).to(tl.int32))
+    v3 = tl.load(lbase + (c >> 24).to(tl.int32))
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _gather4_asm(laddr, c, LUT32: tl.constexpr):
+    """``_gather4`` with one PRMT per address: byte j of ``c`` holds the low byte of the entry's
+    address (row address low byte | entry size * code, no carry since the row's codebook is
+    aligned to its size); the other 7 bytes are those of the row's codebook address ``laddr``."""
+    if LUT32:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi, a;
+            .reg .b64 p;
+            mov.b64 {lo, hi}, $5;
+            prmt.b32 a, $4, lo, 0x7650;
+            mov.b64 p, {a, hi};
+            ld.global.nc.f32 $0, [p];
+            prmt.b32 a, $4, lo, 0x7651;
+            mov.b64 p, {a, hi};
+            ld.global.nc.f32 $1, [p];
+            prmt.b32 a, $4, lo, 0x7652;
+            mov.b64 p, {a, hi};
+            ld.global.nc.f32 $2, [p];
+            prmt.b32 a, $4, lo, 0x7653;
+            mov.b64 p, {a, hi};
+            ld.global.nc.f32 $3, [p];
+            }""",
+            constraints="=r,=r,=r,=r,r,l",
+            args=[c, laddr], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi, a;
+            .reg .b64 p;
+            mov.b64 {lo, hi}, $5;
+            prmt.b32 a, $4, lo, 0x7650;
+            mov.b64 p, {a, hi};
+            ld.global.nc.b16 $0, [p];
+            prmt.b32 a, $4, lo, 0x7651;
+            mov.b64 p, {a, hi};
+            ld.global.nc.b16 $1, [p];
+            prmt.b32 a, $4, lo, 0x7652;
+            mov.b64 p, {a, hi};
+            ld.global.nc.b16 $2, [p];
+            prmt.b32 a, $4, lo, 0x7653;
+            mov.b64 p, {a, hi};
+            ld.global.nc.b16 $3, [p];
+            }""",
+            constraints="=h,=h,=h,=h,r,l",
+            args=[c, laddr], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+@triton.jit
+def _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, S: tl.constexpr, BITS: tl.constexpr,
+             ASM: tl.constexpr, LUT32: tl.constexpr):
+    """(R, U, 2, 2) values of columns S + 8 * (2 * j1 + j0) at [.., j1, j0]."""
+    if ASM:
+        c = _code4(w0, w1, w2, w3, w4, w5, w6, w7, base, S, BITS, 2 if LUT32 else 1)
+        v0, v1, v2, v3 = _gather4_asm(lbase.to(tl.int64), c, LUT32)
+    else:
+        c = _code4(w0, w1, w2, w3, w4, w5, w6, w7, base, S, BITS, 0)
+        v0, v1, v2, v3 = _gather4(lbase, c)
+    return tl.join(tl.join(v0, v2), tl.join(v1, v3))
+
+
+@triton.jit
+def _load_words(cptr, cid, BITS: tl.constexpr, NCHUNK):
+    """The BITS bit-plane words (R, U) of chunks ``cid`` (zero past the last chunk)."""
+    off = cid[None, :] * BITS
+    m = cid[None, :] < NCHUNK
+    w0 = tl.load(cptr + off, mask=m, other=0).to(tl.uint32, bitcast=True)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    w4 = w0
+    w5 = w0
+    w6 = w0
+    w7 = w0
+    if BITS > 1:
+        w1 = tl.load(cptr + off + 1, mask=m, other=0).to(tl.uint32, bitcast=True)
+    if BITS > 2:
+        w2 = tl.load(cptr + off + 2, mask=m, other=0).to(tl.uint32, bitcast=True)
+    if BITS > 3:
+        w3 = tl.load(cptr + off + 3, mask=m, other=0).to(tl.uint32, bitcast=True)
+    if BITS > 4:
+        w4 = tl.load(cptr + off + 4, mask=m, other=0).to(tl.uint32, bitcast=True)
+    if BITS > 5:
+        w5 = tl.load(cptr + off + 5, mask=m, other=0).to(tl.uint32, bitcast=True)
+    if BITS > 6:
+        w6 = tl.load(cptr + off + 6, mask=m, other=0).to(tl.uint32, bitcast=True)
+    if BITS > 7:
+        w7 = tl.load(cptr + off + 7, mask=m, other=0).to(tl.uint32, bitcast=True)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _decode(lbase, w0, w1, w2, w3, w4, w5, w6, w7, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+            U: tl.constexpr, ASM: tl.constexpr, LUT32: tl.constexpr):
+    """Codebook values (BLOCK_R, U, 32) of the chunks whose words are given: [r, u, i] is column
+    ``32 * chunk_u + i`` of row r (``lbase``: the rows' codebooks, (R, 1))."""
+    if ASM:
+        base = (lbase.to(tl.int64) & 0xFF).to(tl.uint32) * 0x01010101
+    else:
+        base = tl.zeros_like(w0)
+    q0 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 0, BITS, ASM, LUT32)
+    q1 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 1, BITS, ASM, LUT32)
+    q2 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 2, BITS, ASM, LUT32)
+    q3 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 3, BITS, ASM, LUT32)
+    q4 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 4, BITS, ASM, LUT32)
+    q5 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 5, BITS, ASM, LUT32)
+    q6 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 6, BITS, ASM, LUT32)
+    q7 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 7, BITS, ASM, LUT32)
+    # join s2, then s1, then s0: (R, U, j1, j0, s2, s1, s0) -> column 8 * j + s
+    t0 = tl.join(tl.join(q0, q4), tl.join(q2, q6))  # s = 0, 4, 2, 6 -> [.., s2, s1]
+    t1 = tl.join(tl.join(q1, q5), tl.join(q3, q7))  # s = 1, 5, 3, 7
+    t = tl.join(t0, t1)
+    return tl.reshape(t, (BLOCK_R, U, 32))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _lut_fma_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
+                    M, R, K, NCHUNK, stride_xm, stride_cr, stride_lr, stride_ym,
+                    BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, ASM: tl.constexpr, LUT32: tl.constexpr):
+    """One row of x per program column, fp32 FMAs on CUDA cores (batch 1). Grid (M, row tiles):
+    the M programs of a row tile are neighbours, so its codes are read from DRAM once. The code
+    words of the next PF (1 or 2) steps are loaded ahead of this step's decode: DRAM latency is
+    what limits a GEMV whose threads each read a few words per step."""
+    m = tl.program_id(0)
+    pid = tl.program_id(1)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows_c = tl.where(rmask, rows, 0).to(tl.int64)
+    cptr = codes_ptr + rows_c[:, None] * stride_cr
+    lbase = lut_ptr + rows_c[:, None] * stride_lr
+    xrow = x_ptr + m * stride_xm
+    ucid = tl.arange(0, U)
+    lane = tl.arange(0, 32)
+    acc = tl.zeros((BLOCK_R, U, 32), dtype=tl.float32)
+    w0, w1, w2, w3, w4, w5, w6, w7 = _load_words(cptr, ucid, BITS, NCHUNK)
+    n0, n1, n2, n3, n4, n5, n6, n7 = w0, w1, w2, w3, w4, w5, w6, w7
+    if PF > 1:
+        n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(cptr, U + ucid, BITS, NCHUNK)
+    for c0 in range(0, NCHUNK, U):
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load_words(cptr, c0 + PF * U + ucid, BITS, NCHUNK)
+        w = _decode(lbase, w0, w1, w2, w3, w4, w5, w6, w7, BITS, BLOCK_R, U, ASM, LUT32)
+        cols = (c0 + ucid)[:, None] * 32 + lane[None, :]
+        xv = tl.load(xrow + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            xv = xv / tl.load(scale_ptr + cols, mask=cols < K, other=1.0).to(tl.float32)
+        acc += w.to(tl.float32) * xv[None, :, :]
+        if PF > 1:
+            w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+            n0, n1, n2, n3, n4, n5, n6, n7 = p0, p1, p2, p3, p4, p5, p6, p7
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = p0, p1, p2, p3, p4, p5, p6, p7
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_RIDX:
+        dst = tl.load(ridx_ptr + rows, mask=rmask, other=0)
+    else:
+        dst = rows
+    tl.store(y_ptr + m * stride_ym + dst, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _lut_dot_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
+                    M, R, K, NCHUNK, stride_xm, stride_cr, stride_lr, stride_ym,
+                    BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, F16_DOT: tl.constexpr,
+                    ASM: tl.constexpr, LUT32: tl.constexpr):
+    """Rows m < min(M, BLOCK_M) of x: y^T tile (BLOCK_R, BLOCK_M) = W tile @ x^T on tensor cores.
+
+    F16_DOT: fp16 operands (x fp16 and no input scale: exact products). Otherwise fp32 operands
+    in tf32, exact for fp16 weights and bf16 x; x / input_scale is rounded to tf32."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows_c = tl.where(rmask, rows, 0).to(tl.int64)
+    cptr = codes_ptr + rows_c[:, None] * stride_cr
+    lbase = lut_ptr + rows_c[:, None] * stride_lr
+    ms = tl.arange(0, BLOCK_M)
+    ucid = tl.arange(0, U)
+    acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    w0, w1, w2, w3, w4, w5, w6, w7 = _load_words(cptr, ucid, BITS, NCHUNK)
+    for c0 in range(0, NCHUNK, U):
+        n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(cptr, c0 + U + ucid, BITS, NCHUNK)
+        w = tl.reshape(_decode(lbase, w0, w1, w2, w3, w4, w5, w6, w7, BITS, BLOCK_R, U, ASM, LUT32),
+                       (BLOCK_R, U * 32))
+        w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+        cols = c0 * 32 + tl.arange(0, U * 32)
+        xmask = (cols[:, None] < K) & (ms[None, :] < M)
+        xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=xmask, other=0.0)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + cols, mask=cols < K, other=1.0).to(tl.float32)
+            xt = xt.to(tl.float32) / sc[:, None]
+        if F16_DOT:
+            acc = tl.dot(w.to(tl.float16), xt.to(tl.float16), acc)
+        else:
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+    if HAS_RIDX:
+        dst = tl.load(ridx_ptr + rows, mask=rmask, other=0)
+    else:
+        dst = rows
+    ptrs = y_ptr + ms[None, :] * stride_ym + dst[:, None]
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (ms[None, :] < M))
+
+
+@triton.jit
+def _csr_add_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, stride_xm, stride_ym,
+                    BLOCK_M: tl.constexpr, BLOCK_NZ: tl.constexpr):
+    """y[m, r] += sum_j val[j] * x[m, col[j]] over CSR row r (one program per row, m < BLOCK_M)."""
+    r = tl.program_id(0)
+    start = tl.load(crow_ptr + r).to(tl.int64)
+    end = tl.load(crow_ptr + r + 1).to(tl.int64)
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    acc = tl.zeros((BLOCK_M, BLOCK_NZ), dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_NZ):
+        j = j0 + tl.arange(0, BLOCK_NZ)
+        jm = j < end
+        col = tl.load(col_ptr + j, mask=jm, other=0).to(tl.int64)
+        v = tl.load(val_ptr + j, mask=jm, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + ms[:, None] * stride_xm + col[None, :], mask=mmask[:, None] & jm[None, :],
+                     other=0.0).to(tl.float32)
+        acc += xv * v[None, :]
+    s = tl.sum(acc, axis=1)
+    yp = y_ptr + ms * stride_ym + r
+    y = tl.load(yp, mask=mmask, other=0.0).to(tl.float32)
+    tl.store(yp, (y + s).to(y_ptr.dtype.element_ty), mask=mmask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+FMA_MAX_BATCH = 1  # larger batches go to the tensor-core kernel (benchmarks/KERNEL_NOTES.md)
+
+
+def aligned_for_asm(lut: torch.Tensor, bits: int) -> bool:
+    """Whether every row's codebook lies in one aligned block of its size within 256 bytes."""
+    span = (2**bits) * lut.element_size()
+    if span > 256:
+        return False
+    return (lut.data_ptr() % span == 0) and ((lut.stride(0) * lut.element_size()) % span == 0)
+
+
+def config_for(mode: str, rows: int, in_features: int, bits: int, batch: int) -> tuple[int, ...]:
+    """(BLOCK_R, U, num_warps[, PF]): rows per program, chunks of 32 columns per step, warps,
+    steps of code words loaded ahead (FMA kernel)."""
+    if mode == "fma":
+        return (8, 16, 4, 2)
+    return (32, 4, 4)
+
+
+def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_scale=None, *,
+                 mode: str | None = None, config: tuple[int, int, int] | None = None,
+                 use_asm: bool | None = None):
+    """Write one width block's rows of y2 (M, out) from x2 (M, in) and return y2.
+
+    ``lut`` is fp16 or fp32 (rows_b, >= 2**bits); ``mode`` "fma" or "dot" (default by batch)."""
+    M = x2.shape[0]
+    R = codes.shape[0]
+    if R == 0 or M == 0:
+        return y2
+    nchunk = codes.shape[1] // bits
+    if mode is None:
+        mode = "fma" if M <= FMA_MAX_BATCH else "dot"
+    cfg = tuple(config or config_for(mode, R, in_features, bits, M))
+    block_r, u, warps = cfg[:3]
+    pf = cfg[3] if len(cfg) > 3 else 2
+    if mode == "dot":
+        block_r = max(block_r, 16)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    codes = codes.contiguous()
+    if lut.stride(-1) != 1:
+        lut = lut.contiguous()
+    lut32 = lut.dtype == torch.float32
+    if not lut32 and lut.dtype != torch.float16:
+        lut = lut.to(torch.float16)
+    if use_asm is None:
+        use_asm = x2.is_cuda and aligned_for_asm(lut, bits)
+    has_scale = input_scale is not None
+    has_ridx = row_index is not None
+    scale = input_scale.contiguous() if has_scale else x2
+    ridx = row_index.contiguous() if has_ridx else codes
+    if mode == "fma":
+        grid = (M, triton.cdiv(R, block_r))
+        _lut_fma_kernel[grid](x2, codes, lut, scale, ridx, y2, M, R, in_features, nchunk,
+                              x2.stride(0), codes.stride(0), lut.stride(0), y2.stride(0),
+                              BITS=bits, BLOCK_R=block_r, U=u, PF=pf, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
+                              ASM=use_asm, LUT32=lut32, num_warps=warps)
+    else:
+        f16 = x2.dtype == torch.float16 and not has_scale
+        for m0 in range(0, M, 16):
+            xm = x2[m0:m0 + 16]
+            ym = y2[m0:m0 + 16]
+            _lut_dot_kernel[(triton.cdiv(R, block_r),)](
+                xm, codes, lut, scale, ridx, ym, xm.shape[0], R, in_features, nchunk,
+                xm.stride(0), codes.stride(0), lut.stride(0), ym.stride(0),
+                BITS=bits, BLOCK_R=block_r, U=u, BLOCK_M=16, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
+                F16_DOT=f16, ASM=use_asm, LUT32=lut32, num_warps=warps)
+    return y2
+
+
+def launch_outliers(x2, crow, col, values, y2):
+    """y2 += x2 @ S^T for the CSR matrix S = (crow, col, values); returns y2."""
+    M = x2.shape[0]
+    rows = crow.numel() - 1
+    if rows <= 0 or M == 0 or col.numel() == 0:
+        return y2
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    for m0 in range(0, M, 16):
+        xm = x2[m0:m0 + 16]
+        ym = y2[m0:m0 + 16]
+        bm = triton.next_power_of_2(xm.shape[0])
+        _csr_add_kernel[(rows,)](xm, crow, col, values, ym, xm.shape[0], xm.stride(0), ym.stride(0),
+                                 BLOCK_M=bm, BLOCK_NZ=32, num_warps=1)
+    return y2

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from anybit.nn import AnybitLinear
+from anybit.nn import linear as linear_module
+from anybit.nn.reference import codes_at
+from anybit.formats.bitpack import pack_bitplanes
+from tests.formats.random_qweights import all_kinds
+
+KINDS = all_kinds()
+
+
+def _module(kind, bias=True):
+    q = KINDS[kind]
+    b = torch.randn(q.out_features, generator=torch.Generator().manual_seed(1)) if bias else None
+    return q, AnybitLinear.from_quantized(q, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_equals_dense_dequantized_weight(kind):
+    q, m = _module(kind)
+    x = torch.randn(2, 3, q.in_features, generator=torch.Generator().manual_seed(2))
+    expected = x @ q.dequantize().t() + m.bias
+    assert torch.allclose(m(x), expected, atol=1e-4, rtol=1e-5)
+    assert torch.equal(m.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("kind", ["lut-rows", "lut-cols", "affine-groups"])
+def test_weight_at_reads_single_weights_without_unpacking(kind):
+    q, m = _module(kind)
+    plain = q.dequantize() if q.outliers is None else _without_outliers(q)
+    rows, cols = torch.meshgrid(torch.arange(q.out_features), torch.arange(q.in_features), indexing="ij")
+    assert torch.equal(m.weight_at(rows.reshape(-1), cols.reshape(-1)), plain.reshape(-1))
+
+
+def _without_outliers(q):
+    outliers, q.outliers = q.outliers, None
+    try:
+        return q.dequantize()
+    finally:
+        q.outliers = outliers
+
+
+def test_codes_at_matches_unpacking():
+    codes = torch.randint(0, 32, (5, 70), dtype=torch.uint8)
+    rows, cols = torch.arange(5).repeat_interleave(70), torch.arange(70).repeat(5)
+    assert torch.equal(codes_at(pack_bitplanes(codes, 5), 5, rows, cols), codes.reshape(-1).long())
+
+
+def test_casting_the_model_keeps_packed_tensors_as_stored():
+    q, m = _module("lut-rows")
+    before = {name: t.clone() for name, t in m.packed().items()}
+    m.half()
+    assert m.bias.dtype == torch.float16
+    for name, t in m.packed().items():
+        assert t.dtype == before[name].dtype and torch.equal(t, before[name])
+    x = torch.randn(4, q.in_features)
+    y = m(x.half())
+    assert y.dtype == torch.float16
+    assert torch.allclose(y.float(), m.float()(x), atol=0.05, rtol=0.01)
+
+
+def test_state_dict_is_the_packed_layout():
+    _, m = _module("affine-groups")
+    assert set(m.state_dict()) == set(m.spec.tensor_specs())
+
+
+def test_cpu_never_asks_for_kernels(monkeypatch):
+    called = []
+    monkeypatch.setattr(linear_module, "_kernels", lambda: called.append(1))
+    q, m = _module("lut-rows")
+    m(torch.randn(1, q.in_features))
+    assert not called
+
+
+def test_cuda_inputs_use_a_kernel_when_one_exists(monkeypatch):
+    """The dispatch rule, without a GPU: a kernel module's ``lut_linear`` replaces the row-block
+    reference, and a missing counterpart falls back to the reference."""
+
+    class FakeKernels:
+        @staticmethod
+        def lut_linear(x, codes, lut, bits, in_features):
+            return "kernel"
+
+    class CudaLike:
+        is_cuda = True
+
+    monkeypatch.setattr(linear_module, "_kernels", lambda: FakeKernels)
+    from anybit.nn import reference
+
+    assert linear_module.block_kernel(reference.lut_rows_matmul, CudaLike())(1, 2, 3, 4, 5) == "kernel"
+    assert linear_module.block_kernel(reference.affine_matmul, CudaLike()) is reference.affine_matmul
