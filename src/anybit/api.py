@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
-from anybit import __version__
+from anybit import __version__, resume
 from anybit.data import Corpus
 from anybit.errors import AnybitError
 from anybit.evaluate import perplexity
@@ -23,6 +24,7 @@ OUT_FORMATS = {  # --format name -> the report's description of what was written
     "packed": {"name": "anybit-packed", "version": FORMAT_VERSION},
     "dequantized": {"name": "anybit-dequantized", "version": 1, "weights_dtype": "float16"},
 }
+RUN_ONLY = ("timings_s", "resumed_blocks")  # returned, not written: the written report is reproducible
 
 
 def resolve_device(device: str | None) -> str:
@@ -56,6 +58,8 @@ def quantize(model: str, method: str, bits: float, out: str | Path | None = None
              overwrite: bool = False, progress: bool = True, out_format: str = "packed", **method_options) -> dict:
     """Quantize ``model`` with ``method`` at ``bits``; write ``out`` (if given) in ``out_format``
     (one of OUT_FORMATS); return the report."""
+    if not math.isfinite(bits):
+        raise AnybitError(f"bits must be a finite number, got {bits}")
     if nsamples < 1 or seqlen < 2:
         raise AnybitError(f"need nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
     if out_format not in OUT_FORMATS:
@@ -72,16 +76,20 @@ def quantize(model: str, method: str, bits: float, out: str | Path | None = None
     lm, tokenizer = load_model(model, progress=progress)
     load_s = time.perf_counter() - t0
     samples = calib.calibration(tokenizer, nsamples, seqlen, seed)
+    settings = {"bits": bits, "group_size": group_size, **method_options}
+    calibration = {"corpus": corpus, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    run = resume.fingerprint(model, method, settings, calibration, samples, device, __version__) if out is not None else None
     t0 = time.perf_counter()
-    result = quantize_model(lm, samples, quantizer, device=device, progress=progress)
+    with resume.progress_for(out, run, overwrite) as store:  # resumes an interrupted run of this command
+        result = quantize_model(lm, samples, quantizer, device=device, progress=progress, store=store)
     total_s = time.perf_counter() - t0
     report = {
         "anybit_version": __version__,
         "format": OUT_FORMATS[out_format],
         "model": model,
         "method": method,
-        "settings": {"bits": bits, "group_size": group_size, **method_options},
-        "calibration": {"corpus": corpus, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "settings": settings,
+        "calibration": calibration,
         "bits_per_weight": round(result.bits_per_weight(), 6),
         "index_bits_per_weight": round(result.index_bits_per_weight(), 6),
         "quantized_params": result.numel(),
@@ -91,6 +99,7 @@ def quantize(model: str, method: str, bits: float, out: str | Path | None = None
         "device": device,
         "layers": layer_report(result),
         "evaluation": {},
+        "resumed_blocks": store.resumed if store is not None else 0,
     }
     if evaluation is not None:
         ids = evaluation.evaluation(tokenizer, seqlen)
@@ -98,6 +107,7 @@ def quantize(model: str, method: str, bits: float, out: str | Path | None = None
         report["evaluation"][eval_corpus] = ppl.as_dict()
     if out is not None:
         save(lm, tokenizer, result, report, Path(out), overwrite, out_format)
+        resume.discard_progress(out)
     return report
 
 
@@ -112,7 +122,7 @@ def save(lm, tokenizer, result: QuantizationResult, report: dict, out: Path, ove
         else:
             lm.to(torch.float16).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / REPORT_FILE, report)
+        write_json_atomic(tmp / REPORT_FILE, {k: v for k, v in report.items() if k not in RUN_ONLY})
 
 
 def read_report(path: str | Path) -> dict | None:

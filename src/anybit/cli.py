@@ -97,6 +97,8 @@ def _print_summary(report: dict, out: str | None) -> None:
           f"(index bits {report['index_bits_per_weight']:.4f})  quantized params {report['quantized_params']}")
     for corpus, ppl in report["evaluation"].items():
         print(f"perplexity on {corpus}: {ppl['ppl']:.3f} ({ppl['tokens_scored']} tokens scored)")
+    if report.get("resumed_blocks"):
+        print(f"resumed an interrupted run: {report['resumed_blocks']} finished blocks restored")
     if out:
         print(f"wrote {out}")
 

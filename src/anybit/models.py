@@ -74,6 +74,7 @@ def _quiet_transformers(progress: bool):
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True):
     """Load a causal LM and its tokenizer. Raises AnybitError for anything the user can fix."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers(progress)
@@ -82,9 +83,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: truncated weights
         raise AnybitError(f"cannot load model {spec}: {str(exc).splitlines()[0]}") from exc
     check_supported(model)
+    check_finite_weights(model)
     model.eval()
     model.config.use_cache = False
     return model.to(device), tokenizer
@@ -98,6 +100,13 @@ def check_supported(model: nn.Module) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     decoder_blocks(model)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """NaN/Inf weights would quantize (or evaluate) into garbage without any error."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise AnybitError(f"model weight {name} contains NaN or Inf values (a damaged or diverged model)")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

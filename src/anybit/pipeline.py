@@ -4,7 +4,8 @@ Capture the first decoder block's inputs, then for each block: collect statistic
 linear's inputs, let the method quantize the linears, and re-run the block so the next block
 sees the quantized block's outputs. Only one block sits on the compute device at a time.
 The model runs with its KV cache off: replaying captured inputs through a block that holds a
-cache would let attention see earlier samples.
+cache would let attention see earlier samples. With a ``store`` (``anybit.resume``) each
+finished block is saved, and a block an interrupted run finished is restored instead of redone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from anybit.errors import AnybitError
 from anybit.models import block_linears, decoder_blocks
 from anybit.quant.qweight import QuantizedWeight
 
@@ -182,16 +184,32 @@ def collect_stats(block, groups: list[list[str]], hiddens, kwargs_list, keep_inp
     return stats
 
 
+def _use_quantized(linear: nn.Linear, qweight: QuantizedWeight) -> None:
+    linear.weight.data = qweight.dequantize(linear.weight.dtype).to(linear.weight.device)
+
+
+def _check_finite(stats: dict[str, LinearStats], where: str) -> None:
+    """NaN/Inf activations would quantize into a garbage checkpoint without any error."""
+    for name, s in stats.items():
+        if not bool(torch.isfinite(s.hessian).all()):
+            raise AnybitError(f"calibration statistics of {where}.{name} contain NaN or Inf: the model's "
+                              "activations overflow there (damaged weights, or a model that needs other inputs)")
+
+
 @torch.no_grad()
 def walk_blocks(model: nn.Module, samples: torch.Tensor, visit, timings: dict, device="cpu", batch_size: int = 8,
                 true_sequential: bool = True, replace: bool = True, keep_inputs: int = 0,
-                needs_stats: bool = True, desc: str = "quantize", progress: bool = True) -> None:
+                needs_stats: bool = True, desc: str = "quantize", progress: bool = True,
+                store=None, on_restored=None) -> None:
     """Walk the decoder blocks with calibration data, calling ``visit(name, weight, stats)`` per linear.
 
     With ``replace`` the visit returns a QuantizedWeight whose de-quantized values replace the
     weight, so later linears and blocks calibrate on the quantized model's activations (one
     statistics pass per group of linears sharing an input when ``true_sequential``). Without it
     the model is left as it is: a planning pass over full-precision activations.
+    With a ``store`` (replace only) each block's QuantizedWeights go to ``store.save_block``, and
+    a block ``store.load_block`` returns is not calibrated again: its weights are put back (and
+    handed to ``on_restored``) and the block only re-run to give the next block its inputs.
     """
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
@@ -201,19 +219,35 @@ def walk_blocks(model: nn.Module, samples: torch.Tensor, visit, timings: dict, d
     for b in tqdm(range(len(blocks)), desc=desc, disable=not progress):
         block = blocks[b].to(device)
         linears = block_linears(block)
-        groups = sequential_groups(block, hiddens[0], kwargs_list[0])
-        sequential = true_sequential and replace
-        for pass_groups in ([g] for g in groups) if sequential else [groups]:
-            t0 = time.perf_counter()
-            stats = collect_stats(block, pass_groups, hiddens, kwargs_list, keep_inputs) if needs_stats else {}
-            timings["statistics"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for name in (n for g in pass_groups for n in g):
-                linear = linears[name]
-                qweight = visit(f"{prefix}.{b}.{name}", linear.weight.data, stats.get(name))
-                if replace:
-                    linear.weight.data = qweight.dequantize(linear.weight.dtype).to(linear.weight.device)
-            timings["quantize" if replace else "plan"] += time.perf_counter() - t0
+        layers = {f"{prefix}.{b}.{name}": linear for name, linear in linears.items()}
+        shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+        done = store.load_block(b, shapes) if store is not None else None
+        if done is not None:
+            for layer, linear in layers.items():
+                _use_quantized(linear, done[layer])
+            on_restored(done)
+        else:
+            done = {}
+            groups = sequential_groups(block, hiddens[0], kwargs_list[0])
+            sequential = true_sequential and replace
+            for pass_groups in ([g] for g in groups) if sequential else [groups]:
+                t0 = time.perf_counter()
+                stats = collect_stats(block, pass_groups, hiddens, kwargs_list, keep_inputs) if needs_stats else {}
+                timings["statistics"] += time.perf_counter() - t0
+                _check_finite(stats, f"{prefix}.{b}")
+                t0 = time.perf_counter()
+                for name in (n for g in pass_groups for n in g):
+                    layer = f"{prefix}.{b}.{name}"
+                    try:
+                        qweight = visit(layer, linears[name].weight.data, stats.get(name))
+                    except AnybitError as exc:  # e.g. an unreachable budget: say where
+                        raise AnybitError(f"{layer}: {exc}") from exc
+                    if replace:
+                        _use_quantized(linears[name], qweight)
+                        done[layer] = qweight
+                timings["quantize" if replace else "plan"] += time.perf_counter() - t0
+            if store is not None:
+                store.save_block(b, done)
         t0 = time.perf_counter()
         hiddens = run_block(block, hiddens, kwargs_list)
         timings["calibration_forward"] += time.perf_counter() - t0
@@ -222,31 +256,34 @@ def walk_blocks(model: nn.Module, samples: torch.Tensor, visit, timings: dict, d
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, samples: torch.Tensor, method, device="cpu", batch_size: int = 8,
-                   true_sequential: bool = True, progress: bool = True) -> QuantizationResult:
+                   true_sequential: bool = True, progress: bool = True, store=None) -> QuantizationResult:
     """Quantize every linear inside the decoder blocks of ``model`` in place with ``method``.
 
     ``method.quantize(weight, stats, name) -> QuantizedWeight``. A method that shares one budget
     across layers also has ``plan(weight, stats, name)`` and ``finish_plan()``: it then sees every
-    layer once in a planning pass before the quantizing pass.
+    layer once in a planning pass before the quantizing pass. ``store`` (``resume.RunProgress``)
+    saves the plan and each finished block, and restores those of an interrupted run.
     """
     result = QuantizationResult()
     common = dict(device=device, batch_size=batch_size, keep_inputs=getattr(method, "keep_inputs", 0),
                   needs_stats=getattr(method, "needs_stats", True), progress=progress)
     name = getattr(method, "name", "method")
-    if getattr(method, "needs_plan", False):
+    if getattr(method, "needs_plan", False) and not (store is not None and store.restore_plan(method)):
         walk_blocks(model, samples, lambda n, w, s: method.plan(w, s, n), result.timings, replace=False,
                     desc=f"plan ({name})", **common)
         t0 = time.perf_counter()
         method.finish_plan()
         result.timings["allocate"] += time.perf_counter() - t0
+        if store is not None:
+            store.save_plan(method)
 
     def visit(layer: str, weight, stats):
-        qweight = method.quantize(weight, stats, layer)
-        result.layers[layer] = qweight
+        qweight = method.quantize(weight, stats, layer).to(weight.device)
+        result.layers[layer] = qweight.to("cpu")  # results wait on the host; the device holds one block
         return qweight
 
     walk_blocks(model, samples, visit, result.timings, true_sequential=true_sequential,
-                desc=f"quantize ({name})", **common)
+                desc=f"quantize ({name})", store=store, on_restored=result.layers.update, **common)
     if device != "cpu":
         model.to(device)
     return result

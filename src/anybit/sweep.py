@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from anybit.data import Corpus
+from anybit.errors import AnybitError
 from anybit.evaluate import perplexity
 from anybit.methods import build_method
 from anybit.models import load_model
@@ -77,8 +78,25 @@ class Row:
         return d
 
 
+def layer_meta_summary(result) -> dict:
+    """What the methods noted per layer, summed up: allocation gaps, kept/rejected steps."""
+    metas = [q.meta for q in result.layers.values()]
+    summary = {}
+    gaps = [m["alloc_gap"] for m in metas if "alloc_gap" in m]
+    if gaps:
+        summary["max_alloc_gap"] = max(gaps)
+    for key in ("scaling", "feedback"):
+        kept = [m[key] for m in metas if key in m]
+        if kept:
+            summary[f"{key}_kept"] = f"{kept.count('kept')}/{len(kept)}"
+    return summary
+
+
 def run_sweep(model_spec: str, configs: list[Config], corpus="shakespeare", eval_corpus="shakespeare-heldout",
-              nsamples=64, seqlen=512, eval_windows=64, seed=0, device="cpu", progress=True, on_row=None):
+              nsamples=64, seqlen=512, eval_windows=64, seed=0, device="cpu", progress=True, on_row=None,
+              recorded_errors: tuple = (AnybitError,)):
+    """Rows in ``configs`` order. Exceptions of ``recorded_errors`` become a row with the error
+    in ``extra`` so one failing configuration does not cost the rest of a long sweep."""
     base, tokenizer = load_model(model_spec, progress=progress)
     samples = Corpus(corpus).calibration(tokenizer, nsamples, seqlen, seed)
     ids = Corpus(eval_corpus).evaluation(tokenizer, seqlen)
@@ -90,17 +108,22 @@ def run_sweep(model_spec: str, configs: list[Config], corpus="shakespeare", eval
         model = copy.deepcopy(base)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        if methods[config] is None:
-            bpw = ibpw = 16.0
-            extra = {}
-        else:
-            result = quantize_model(model, samples, methods[config], device=device, progress=progress)
-            bpw, ibpw = result.bits_per_weight(), result.index_bits_per_weight()
-            extra = {"timings_s": {k: round(v, 2) for k, v in result.timings.items()}}
-        quantize_s = time.perf_counter() - t0
-        model.to(device)
-        ppl = perplexity(model, ids, seqlen, eval_windows, device=device, progress=progress)
-        row = Row(config, bpw, ibpw, ppl.ppl, ppl.tokens_scored, quantize_s, extra)
+        try:
+            if methods[config] is None:
+                bpw = ibpw = 16.0
+                extra = {}
+            else:
+                result = quantize_model(model, samples, methods[config], device=device, progress=progress)
+                bpw, ibpw = result.bits_per_weight(), result.index_bits_per_weight()
+                extra = {"timings_s": {k: round(v, 2) for k, v in result.timings.items()},
+                         **layer_meta_summary(result)}
+            quantize_s = time.perf_counter() - t0
+            model.to(device)
+            ppl = perplexity(model, ids, seqlen, eval_windows, device=device, progress=progress)
+            row = Row(config, bpw, ibpw, ppl.ppl, ppl.tokens_scored, quantize_s, extra)
+        except recorded_errors as exc:
+            row = Row(config, float("nan"), float("nan"), float("nan"), 0, time.perf_counter() - t0,
+                      {"error": f"{type(exc).__name__}: {exc}"})
         rows.append(row)
         if on_row:
             on_row(row)

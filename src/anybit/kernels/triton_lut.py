@@ -122,10 +122,91 @@ def _gather4_asm(laddr, c, LUT32: tl.constexpr):
 
 
 @triton.jit
-def _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, S: tl.constexpr, BITS: tl.constexpr,
-             ASM: tl.constexpr, LUT32: tl.constexpr):
-    """(R, U, 2, 2) values of columns S + 8 * (2 * j1 + j0) at [.., j1, j0]."""
-    if ASM:
+def _select4_asm(c, l0, l1, l2, l3, l4, l5, l6, l7, BITS: tl.constexpr):
+    """Codebook values of the 4 codes in the bytes of ``c`` picked from registers, no memory:
+    ``l0..`` hold the row's fp16 entries two per word (BITS <= 4). One PRMT picks a half2 of two
+    codes' entries among 4 (2 words) by the codes' low 2 bits; further PRMTs pick by bits 2, 3."""
+    if BITS <= 2:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, s, v;
+            and.b32 t, $4, 0x03030303;
+            mad.lo.u32 s, t, 0x22, 0x10101010;
+            prmt.b32 v, $5, $6, s;
+            mov.b32 {$0, $1}, v;
+            shr.b32 s, s, 16;
+            prmt.b32 v, $5, $6, s;
+            mov.b32 {$2, $3}, v;
+            }""",
+            constraints="=h,=h,=h,=h,r,r,r",
+            args=[c, l0, l1], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    elif BITS == 3:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, b, s, m, lo, hi, v;
+            and.b32 t, $4, 0x03030303;
+            and.b32 b, $4, 0x04040404;
+            mad.lo.u32 s, t, 0x22, 0x10101010;
+            mad.lo.u32 m, b, 0x11, 0x32103210;
+            prmt.b32 lo, $5, $6, s;
+            prmt.b32 hi, $7, $8, s;
+            prmt.b32 v, lo, hi, m;
+            mov.b32 {$0, $1}, v;
+            shr.b32 s, s, 16;
+            shr.b32 m, m, 16;
+            prmt.b32 lo, $5, $6, s;
+            prmt.b32 hi, $7, $8, s;
+            prmt.b32 v, lo, hi, m;
+            mov.b32 {$2, $3}, v;
+            }""",
+            constraints="=h,=h,=h,=h,r,r,r,r,r",
+            args=[c, l0, l1, l2, l3], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, b, s, m, n, p0, p1, p2, p3, q0, q1, v;
+            and.b32 t, $4, 0x03030303;
+            and.b32 b, $4, 0x04040404;
+            shr.b32 n, $4, 1;
+            and.b32 n, n, 0x04040404;
+            mad.lo.u32 s, t, 0x22, 0x10101010;
+            mad.lo.u32 m, b, 0x11, 0x32103210;
+            mad.lo.u32 n, n, 0x11, 0x32103210;
+            prmt.b32 p0, $5, $6, s;
+            prmt.b32 p1, $7, $8, s;
+            prmt.b32 p2, $9, $10, s;
+            prmt.b32 p3, $11, $12, s;
+            prmt.b32 q0, p0, p1, m;
+            prmt.b32 q1, p2, p3, m;
+            prmt.b32 v, q0, q1, n;
+            mov.b32 {$0, $1}, v;
+            shr.b32 s, s, 16;
+            shr.b32 m, m, 16;
+            shr.b32 n, n, 16;
+            prmt.b32 p0, $5, $6, s;
+            prmt.b32 p1, $7, $8, s;
+            prmt.b32 p2, $9, $10, s;
+            prmt.b32 p3, $11, $12, s;
+            prmt.b32 q0, p0, p1, m;
+            prmt.b32 q1, p2, p3, m;
+            prmt.b32 v, q0, q1, n;
+            mov.b32 {$2, $3}, v;
+            }""",
+            constraints="=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+            args=[c, l0, l1, l2, l3, l4, l5, l6, l7], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=1)
+
+
+@triton.jit
+def _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+             S: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, LUT32: tl.constexpr, SEL: tl.constexpr):
+    """(R, U, 2, 2) values of columns S + 8 * (2 * j1 + j0) at [.., j1, j0]. Column offsets
+    S >= SEL pick from registers (``_select4_asm``), the others gather through L1."""
+    if ASM and S >= SEL:
+        c = _code4(w0, w1, w2, w3, w4, w5, w6, w7, tl.zeros_like(base), S, BITS, 0)
+        v0, v1, v2, v3 = _select4_asm(c, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, BITS)
+    elif ASM:
         c = _code4(w0, w1, w2, w3, w4, w5, w6, w7, base, S, BITS, 2 if LUT32 else 1)
         v0, v1, v2, v3 = _gather4_asm(lbase.to(tl.int64), c, LUT32)
     else:
@@ -165,22 +246,53 @@ def _load_words(cptr, cid, BITS: tl.constexpr, NCHUNK):
 
 
 @triton.jit
-def _decode(lbase, w0, w1, w2, w3, w4, w5, w6, w7, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
-            U: tl.constexpr, ASM: tl.constexpr, LUT32: tl.constexpr):
+def _lut_words(lut_ptr, rows_c, stride_lr, BITS: tl.constexpr, SEL: tl.constexpr):
+    """The rows' fp16 codebooks as (R, 1) uint32 words, two entries each (for ``_select4_asm``)."""
+    base = lut_ptr.to(tl.pointer_type(tl.uint32)) + (rows_c * (stride_lr // 2))[:, None]
+    z = tl.zeros([rows_c.shape[0], 1], dtype=tl.uint32)
+    l0, l1, l2, l3, l4, l5, l6, l7 = z, z, z, z, z, z, z, z
+    if SEL < 8:
+        l0 = tl.load(base)
+        l1 = l0
+        if BITS > 1:
+            l1 = tl.load(base + 1)
+        if BITS > 2:
+            l2 = tl.load(base + 2)
+            l3 = tl.load(base + 3)
+        if BITS > 3:
+            l4 = tl.load(base + 4)
+            l5 = tl.load(base + 5)
+            l6 = tl.load(base + 6)
+            l7 = tl.load(base + 7)
+    return l0, l1, l2, l3, l4, l5, l6, l7
+
+
+@triton.jit
+def _decode(lbase, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+            BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr, ASM: tl.constexpr,
+            LUT32: tl.constexpr, SEL: tl.constexpr):
     """Codebook values (BLOCK_R, U, 32) of the chunks whose words are given: [r, u, i] is column
     ``32 * chunk_u + i`` of row r (``lbase``: the rows' codebooks, (R, 1))."""
     if ASM:
         base = (lbase.to(tl.int64) & 0xFF).to(tl.uint32) * 0x01010101
     else:
         base = tl.zeros_like(w0)
-    q0 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 0, BITS, ASM, LUT32)
-    q1 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 1, BITS, ASM, LUT32)
-    q2 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 2, BITS, ASM, LUT32)
-    q3 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 3, BITS, ASM, LUT32)
-    q4 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 4, BITS, ASM, LUT32)
-    q5 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 5, BITS, ASM, LUT32)
-    q6 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 6, BITS, ASM, LUT32)
-    q7 = _values4(lbase, base, w0, w1, w2, w3, w4, w5, w6, w7, 7, BITS, ASM, LUT32)
+    q0 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                   0, BITS, ASM, LUT32, SEL)
+    q1 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                   1, BITS, ASM, LUT32, SEL)
+    q2 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                   2, BITS, ASM, LUT32, SEL)
+    q3 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                   3, BITS, ASM, LUT32, SEL)
+    q4 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                   4, BITS, ASM, LUT32, SEL)
+    q5 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                   5, BITS, ASM, LUT32, SEL)
+    q6 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                   6, BITS, ASM, LUT32, SEL)
+    q7 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                   7, BITS, ASM, LUT32, SEL)
     # join s2, then s1, then s0: (R, U, j1, j0, s2, s1, s0) -> column 8 * j + s
     t0 = tl.join(tl.join(q0, q4), tl.join(q2, q6))  # s = 0, 4, 2, 6 -> [.., s2, s1]
     t1 = tl.join(tl.join(q1, q5), tl.join(q3, q7))  # s = 1, 5, 3, 7
@@ -195,7 +307,8 @@ def _decode(lbase, w0, w1, w2, w3, w4, w5, w6, w7, BITS: tl.constexpr, BLOCK_R: 
 def _lut_fma_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
                     M, R, K, NCHUNK, stride_xm, stride_cr, stride_lr, stride_ym,
                     BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, ASM: tl.constexpr, LUT32: tl.constexpr):
+                    RED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, ASM: tl.constexpr,
+                    LUT32: tl.constexpr, SEL: tl.constexpr, XF32: tl.constexpr):
     """One row of x per program column, fp32 FMAs on CUDA cores (batch 1). Grid (M, row tiles):
     the M programs of a row tile are neighbours, so its codes are read from DRAM once. The code
     words of the next PF (1 or 2) steps are loaded ahead of this step's decode: DRAM latency is
@@ -207,28 +320,41 @@ def _lut_fma_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
     rows_c = tl.where(rmask, rows, 0).to(tl.int64)
     cptr = codes_ptr + rows_c[:, None] * stride_cr
     lbase = lut_ptr + rows_c[:, None] * stride_lr
+    lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7 = _lut_words(lut_ptr, rows_c, stride_lr, BITS, SEL)
     xrow = x_ptr + m * stride_xm
     ucid = tl.arange(0, U)
     lane = tl.arange(0, 32)
-    acc = tl.zeros((BLOCK_R, U, 32), dtype=tl.float32)
+    if RED:
+        acc = tl.zeros((BLOCK_R, U), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_R, U, 32), dtype=tl.float32)
     w0, w1, w2, w3, w4, w5, w6, w7 = _load_words(cptr, ucid, BITS, NCHUNK)
     n0, n1, n2, n3, n4, n5, n6, n7 = w0, w1, w2, w3, w4, w5, w6, w7
     if PF > 1:
         n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(cptr, U + ucid, BITS, NCHUNK)
     for c0 in range(0, NCHUNK, U):
         p0, p1, p2, p3, p4, p5, p6, p7 = _load_words(cptr, c0 + PF * U + ucid, BITS, NCHUNK)
-        w = _decode(lbase, w0, w1, w2, w3, w4, w5, w6, w7, BITS, BLOCK_R, U, ASM, LUT32)
+        w = _decode(lbase, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                    BITS, BLOCK_R, U, ASM, LUT32, SEL)
         cols = (c0 + ucid)[:, None] * 32 + lane[None, :]
-        xv = tl.load(xrow + cols, mask=cols < K, other=0.0).to(tl.float32)
+        xv = tl.load(xrow + cols, mask=cols < K, other=0.0)
+        if XF32:  # convert before the layout change (fp32 through shared memory)
+            xv = xv.to(tl.float32)
         if HAS_SCALE:
-            xv = xv / tl.load(scale_ptr + cols, mask=cols < K, other=1.0).to(tl.float32)
-        acc += w.to(tl.float32) * xv[None, :, :]
+            xv = xv.to(tl.float32) / tl.load(scale_ptr + cols, mask=cols < K, other=1.0).to(tl.float32)
+        if RED:
+            acc += tl.sum(w.to(tl.float32) * xv[None, :, :].to(tl.float32), axis=2)
+        else:
+            acc += w.to(tl.float32) * xv[None, :, :].to(tl.float32)
         if PF > 1:
             w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
             n0, n1, n2, n3, n4, n5, n6, n7 = p0, p1, p2, p3, p4, p5, p6, p7
         else:
             w0, w1, w2, w3, w4, w5, w6, w7 = p0, p1, p2, p3, p4, p5, p6, p7
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if RED:
+        y = tl.sum(acc, axis=1)
+    else:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_RIDX:
         dst = tl.load(ridx_ptr + rows, mask=rmask, other=0)
     else:
@@ -241,7 +367,7 @@ def _lut_dot_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
                     M, R, K, NCHUNK, stride_xm, stride_cr, stride_lr, stride_ym,
                     BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr, BLOCK_M: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, F16_DOT: tl.constexpr,
-                    ASM: tl.constexpr, LUT32: tl.constexpr):
+                    ASM: tl.constexpr, LUT32: tl.constexpr, SEL: tl.constexpr):
     """Rows m < min(M, BLOCK_M) of x: y^T tile (BLOCK_R, BLOCK_M) = W tile @ x^T on tensor cores.
 
     F16_DOT: fp16 operands (x fp16 and no input scale: exact products). Otherwise fp32 operands
@@ -252,21 +378,24 @@ def _lut_dot_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
     rows_c = tl.where(rmask, rows, 0).to(tl.int64)
     cptr = codes_ptr + rows_c[:, None] * stride_cr
     lbase = lut_ptr + rows_c[:, None] * stride_lr
+    lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7 = _lut_words(lut_ptr, rows_c, stride_lr, BITS, SEL)
     ms = tl.arange(0, BLOCK_M)
     ucid = tl.arange(0, U)
     acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
     w0, w1, w2, w3, w4, w5, w6, w7 = _load_words(cptr, ucid, BITS, NCHUNK)
     for c0 in range(0, NCHUNK, U):
         n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(cptr, c0 + U + ucid, BITS, NCHUNK)
-        w = tl.reshape(_decode(lbase, w0, w1, w2, w3, w4, w5, w6, w7, BITS, BLOCK_R, U, ASM, LUT32),
+        w = tl.reshape(_decode(lbase, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                    BITS, BLOCK_R, U, ASM, LUT32, SEL),
                        (BLOCK_R, U * 32))
         w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
         cols = c0 * 32 + tl.arange(0, U * 32)
-        xmask = (cols[:, None] < K) & (ms[None, :] < M)
-        xt = tl.load(x_ptr + ms[None, :] * stride_xm + cols[:, None], mask=xmask, other=0.0)
+        xmask = (ms[:, None] < M) & (cols[None, :] < K)
+        xm = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=xmask, other=0.0)  # (BLOCK_M, U*32)
         if HAS_SCALE:
             sc = tl.load(scale_ptr + cols, mask=cols < K, other=1.0).to(tl.float32)
-            xt = xt.to(tl.float32) / sc[:, None]
+            xm = xm.to(tl.float32) / sc[None, :]
+        xt = tl.trans(xm)
         if F16_DOT:
             acc = tl.dot(w.to(tl.float16), xt.to(tl.float16), acc)
         else:
@@ -340,6 +469,9 @@ def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_sc
     cfg = tuple(config or config_for(mode, R, in_features, bits, M))
     block_r, u, warps = cfg[:3]
     pf = cfg[3] if len(cfg) > 3 else 2
+    red = bool(cfg[4]) if len(cfg) > 4 else False
+    sel = cfg[5] if len(cfg) > 5 else 8
+    xf32 = bool(cfg[6]) if len(cfg) > 6 else True
     if mode == "dot":
         block_r = max(block_r, 16)
     if x2.stride(-1) != 1:
@@ -352,6 +484,8 @@ def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_sc
         lut = lut.to(torch.float16)
     if use_asm is None:
         use_asm = x2.is_cuda and aligned_for_asm(lut, bits)
+    if not (use_asm and not lut32 and bits <= 4 and lut.stride(0) % 2 == 0 and lut.data_ptr() % 4 == 0):
+        sel = 8  # register selection: fp16 codebooks of up to 16 entries, on CUDA
     has_scale = input_scale is not None
     has_ridx = row_index is not None
     scale = input_scale.contiguous() if has_scale else x2
@@ -360,8 +494,8 @@ def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_sc
         grid = (M, triton.cdiv(R, block_r))
         _lut_fma_kernel[grid](x2, codes, lut, scale, ridx, y2, M, R, in_features, nchunk,
                               x2.stride(0), codes.stride(0), lut.stride(0), y2.stride(0),
-                              BITS=bits, BLOCK_R=block_r, U=u, PF=pf, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
-                              ASM=use_asm, LUT32=lut32, num_warps=warps)
+                              BITS=bits, BLOCK_R=block_r, U=u, PF=pf, RED=red, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
+                              ASM=use_asm, LUT32=lut32, SEL=sel, XF32=xf32, num_warps=warps)
     else:
         f16 = x2.dtype == torch.float16 and not has_scale
         for m0 in range(0, M, 16):
@@ -371,7 +505,7 @@ def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_sc
                 xm, codes, lut, scale, ridx, ym, xm.shape[0], R, in_features, nchunk,
                 xm.stride(0), codes.stride(0), lut.stride(0), ym.stride(0),
                 BITS=bits, BLOCK_R=block_r, U=u, BLOCK_M=16, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
-                F16_DOT=f16, ASM=use_asm, LUT32=lut32, num_warps=warps)
+                F16_DOT=f16, ASM=use_asm, LUT32=lut32, SEL=sel, num_warps=warps)
     return y2
 
 

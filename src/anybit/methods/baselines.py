@@ -60,7 +60,8 @@ class GPTQ:
     def quantize(self, weight, stats, name=None) -> QuantizedWeight:
         rows, cols = weight.shape
         n_groups = math.ceil(cols / self.group_size) if self.group_size else 1
-        grid = AffineColumnQuantizer(rows, cols, torch.full((n_groups,), self.bits), self.group_size)
+        grid = AffineColumnQuantizer(rows, cols, torch.full((n_groups,), self.bits), self.group_size,
+                                     device=weight.device)
         perm = act_order_permutation(stats.hessian) if self.act_order else None
         gptq_quantize(weight, stats.hessian, grid, self.blocksize, self.percdamp, perm)
         return _affine_weight(weight, grid.codes, grid.scales, grid.zeros, self.bits, self.group_size,

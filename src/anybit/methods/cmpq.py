@@ -20,23 +20,19 @@ import torch
 from anybit.methods.base import check_budget
 from anybit.quant import outliers as sparse
 from anybit.quant.allocate import ranked_allocate
-from anybit.quant.kmeans import kmeans_codebooks
+from anybit.quant.kmeans import codebooks_at_widths
 from anybit.quant.qweight import FP16_BITS, WIDTH_BITS, QuantizedWeight
 
 
 def column_codebooks(w: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor):
     """One codebook per column at each column's width: (lut (cols, 2^max) fp16, codes (rows, cols))."""
-    wt, st = w.t().contiguous(), weight.t().contiguous()
-    lut = torch.zeros(w.shape[1], 2 ** int(bits.max()), dtype=torch.float16, device=w.device)
-    codes_t = torch.empty(wt.shape, dtype=torch.uint8, device=w.device)
-    for b in bits.unique().tolist():
-        sel = bits == b
-        lut[sel, : 2**b], codes_t[sel] = kmeans_codebooks(wt[sel], st[sel], b)
+    lut, codes_t = codebooks_at_widths(w.t().contiguous(), weight.t().contiguous(), bits.to(w.device))
     return lut, codes_t.t().contiguous()
 
 
 def column_widths(score: torch.Tensor, rows: int, budget_bits: float) -> torch.Tensor:
     """Two adjacent widths over the columns, the higher one for the top-scored columns."""
+    score = score.cpu()
     cols = score.numel()
     per_col = budget_bits / cols
     low = max(1, min(7, math.floor((per_col - FP16_BITS * 2) / rows)))
@@ -63,7 +59,7 @@ class CMPQ:
         act_norm = (stats.act_sq * stats.n_tokens).sqrt().to(w.device)
         n_out = int(round(self.outlier_fraction * w.numel()))
         budget = self.budget * w.numel() - WIDTH_BITS * cols - sparse.outlier_bits(n_out, rows, cols)
-        bits = column_widths(act_norm, rows, budget)
+        bits = column_widths(act_norm, rows, budget).to(w.device)
 
         # Activation-based outliers: half the outlier budget on |w| x activation norm.
         act_pos = sparse.top_fraction(w.abs() * act_norm[None, :], self.outlier_fraction / 2)

@@ -7,39 +7,38 @@ Recipe (shared/methods.md, docs/methods.md):
    or shared across the whole model (``scope``);
 4. the allocated widths select their codebooks from the table;
 5. a per-column scaling vector trained with assignments fixed, then one re-clustering in the
-   scaled space; kept only where it lowers L-full.
+   scaled space; kept only where it lowers L-full;
+6. (anybit extension, ``feedback``) GPTQ error feedback over the final codebooks: columns are
+   assigned to each row's nearest centroid in turn and each column's error is pushed onto the
+   columns not yet assigned, through the Cholesky factor of H^-1 (in the scaled space when a
+   scaling vector is kept). Kept only where it lowers L-full.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from anybit.methods.base import check_budget, check_scope, choose
-from anybit.quant.kmeans import kmeans_codebooks
+from anybit.quant.allocate import lagrangian_bound
+from anybit.quant.gptq import CodebookColumnQuantizer, gptq_quantize
+from anybit.quant.kmeans import codebooks_at_widths
 from anybit.quant.lfull import row_output_error
 from anybit.quant.qweight import FP16_BITS, WIDTH_BITS, QuantizedWeight
 from anybit.quant.rowlut import row_codebook_table
 from anybit.quant.scaling import train_scaling_vector
 
 
-def default_widths(budget: float) -> tuple[int, ...]:
-    """Candidates floor-1 .. floor+1 around the budget (3.25 -> 2, 3, 4; 2.25 -> 1, 2, 3): each
-    extra width costs a k-means pass over every row, and rows rarely go further from the mean."""
-    base = math.floor(budget)
-    return tuple(range(max(1, base - 1), min(8, base + 1) + 1))
-
-
-def cluster_at_widths(w: torch.Tensor, s: torch.Tensor, bits: torch.Tensor):
-    """Per-row codebooks at each row's own width: (lut (R, 2^max) fp16, codes (R, n) uint8)."""
-    lut = torch.zeros(w.shape[0], 2 ** int(bits.max()), dtype=torch.float16, device=w.device)
-    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
-    for b in bits.unique().tolist():
-        sel = bits == b
-        lut[sel, : 2**b], codes[sel] = kmeans_codebooks(w[sel], s[sel], b)
-    return lut, codes
+def candidate_widths(budget: float, cols: int) -> tuple[int, int, int]:
+    """Three widths around what a row of ``cols`` codes affords at ``budget`` bits per weight,
+    codebook included (3.25 bits on 576 columns -> 2, 3, 4; 4.0 bits -> 3, 4, 5 only on long
+    rows). Each extra width costs a k-means pass over every row, and rows rarely go further."""
+    fits = [b for b in range(1, 9) if cols * b + FP16_BITS * 2**b <= budget * cols]
+    base = min(max(fits, default=1), 7)
+    low = max(1, base - 1)
+    return (low, low + 1, low + 2)
 
 
 def lut_reconstruction(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -51,81 +50,112 @@ class SKIM:
     budget: float
     scope: str = "layer"
     allocator: str = "greedy"
-    widths: tuple[int, ...] = ()
     scaling: bool = True
     scaling_steps: int = 60
+    feedback: bool = True
     name = "skim"
     _choices: dict = field(default_factory=dict, repr=False)
     _plans: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_options(cls, bits, group_size=0, scope="layer", allocator="greedy", scaling=True,
-                     scaling_steps=60, **_):
+                     scaling_steps=60, feedback=True, **_):
         budget = check_budget(cls.name, bits, 1.1)
         choose(allocator)
-        return cls(budget, check_scope(scope), allocator, default_widths(budget), bool(scaling), int(scaling_steps))
+        return cls(budget, check_scope(scope), allocator, bool(scaling), int(scaling_steps), bool(feedback))
 
     @property
     def needs_plan(self) -> bool:
         return self.scope == "model"
 
-    def _fixed_bits(self, rows: int, cols: int) -> int:
+    def _fixed_bits(self, rows: int, cols: int, scaling: bool | None = None) -> int:
         """Bits stored whatever the allocation: per-row widths and the scaling vector."""
-        return WIDTH_BITS * rows + (FP16_BITS * cols if self.scaling else 0)
+        scaling = self.scaling if scaling is None else scaling
+        return WIDTH_BITS * rows + (FP16_BITS * cols if scaling else 0)
 
     def _table(self, weight, stats):
         w = weight.float()
         s = stats.act_sq.to(w.device)[None, :].expand_as(w).contiguous()
-        return w, s, row_codebook_table(w, s, stats.hessian.to(w.device), self.widths)
+        widths = candidate_widths(self.budget, w.shape[1])
+        return row_codebook_table(w, s, stats.hessian.to(w.device), widths)
 
     # -- model scope: plan every layer, allocate once ----------------------------------------
     def plan(self, weight, stats, name):
-        _w, _s, table = self._table(weight, stats)
-        self._plans[name] = (table.err, table.cost, self._fixed_bits(*weight.shape), weight.numel())
+        table = self._table(weight, stats)  # only the small error/cost tables are kept
+        self._plans[name] = (table.err, table.cost, table.widths, self._fixed_bits(*weight.shape), weight.numel())
 
     def finish_plan(self):
-        names = list(self._plans)
-        err = torch.cat([self._plans[n][0] for n in names])
-        cost = torch.cat([self._plans[n][1] for n in names])
-        numel = sum(self._plans[n][3] for n in names)
-        budget = self.budget * numel - sum(self._plans[n][2] for n in names)
+        plans = [self._plans[n] for n in self._plans]
+        err = torch.cat([p[0] for p in plans])
+        cost = torch.cat([p[1] for p in plans])
+        budget = self.budget * sum(p[4] for p in plans) - sum(p[3] for p in plans)
         choice = choose(self.allocator)(err, cost, budget)
         start = 0
-        for n in names:
-            rows = self._plans[n][0].shape[0]
-            self._choices[n] = choice[start : start + rows]
+        for name, (layer_err, _cost, widths, _fixed, _numel) in self._plans.items():
+            rows = layer_err.shape[0]
+            self._choices[name] = torch.tensor(widths)[choice[start : start + rows]]  # widths per row
             start += rows
         self._plans.clear()
 
     # -- quantizing pass ------------------------------------------------------------------------
+    def _allocate(self, table, rows: int, cols: int, scaling: bool, meta: dict):
+        budget = self.budget * rows * cols - self._fixed_bits(rows, cols, scaling)
+        choice = choose(self.allocator)(table.err, table.cost, budget)
+        # How far the allocation is from optimal: its table error over the Lagrangian lower bound.
+        bound = lagrangian_bound(table.err, table.cost, budget)
+        meta["alloc_gap"] = float(table.err.gather(1, choice[:, None].cpu()).sum()) / max(bound, 1e-30) - 1
+        return table.assemble(choice)
+
     def quantize(self, weight, stats, name=None) -> QuantizedWeight:
         rows, cols = weight.shape
         w = weight.float()
         s = stats.act_sq.to(w.device)[None, :].expand_as(w).contiguous()
         h = stats.hessian.to(w.device)
-        widths = torch.tensor(self.widths)
+        meta = {}
         if self.scope == "model":
-            bits = widths[self._choices[name]].to(w.device)
-            lut, codes = cluster_at_widths(w, s, bits)
+            bits = self._choices[name].to(w.device)
+            lut, codes = codebooks_at_widths(w, s, bits)
         else:
-            _w, _s, table = self._table(weight, stats)
-            budget = self.budget * rows * cols - self._fixed_bits(rows, cols)
-            lut, codes, bits = table.assemble(choose(self.allocator)(table.err, table.cost, budget))
-        q = QuantizedWeight(rows, cols, codes, bits.to(torch.int32).cpu(), lut=lut)
+            table = self._table(weight, stats)
+            lut, codes, bits = self._allocate(table, rows, cols, self.scaling, meta)
+        q = QuantizedWeight(rows, cols, codes, bits.to(torch.int32).cpu(), lut=lut, meta=meta)
         q.meta["lfull"] = float(row_output_error(w, lut_reconstruction(lut, codes), h).sum())
         if self.scaling:
             q = self._apply_scaling(q, w, s, h)
+            if q.input_scale is None and self.scope == "layer":
+                # Scaling did not pay here: spend the bits reserved for it on the rows instead.
+                lut, codes, bits = self._allocate(table, rows, cols, False, meta)
+                q = QuantizedWeight(rows, cols, codes, bits.to(torch.int32).cpu(), lut=lut, meta=meta)
+                q.meta["lfull"] = float(row_output_error(w, lut_reconstruction(lut, codes), h).sum())
+                q.meta["scaling"] = "rejected"
+        if self.feedback:
+            q = self._apply_feedback(q, w, h)
         return q
+
+    def _apply_feedback(self, q: QuantizedWeight, w, h) -> QuantizedWeight:
+        a = q.input_scale.float().to(w.device) if q.input_scale is not None else torch.ones(w.shape[1], device=w.device)
+        # In the scaled space y = (W diag(a)) (x / a): weights W a, Hessian H / (a a^T).
+        lut = q.lut.float().to(w.device)
+        pad = torch.arange(lut.shape[1], device=w.device)[None, :] >= (2 ** q.bits.to(w.device).long())[:, None]
+        grid = CodebookColumnQuantizer(lut.masked_fill(pad, torch.inf), w.shape[1])
+        gptq_quantize(w * a, h / (a[:, None] * a[None, :]), grid)
+        lfull = float(row_output_error(w, lut_reconstruction(q.lut, grid.codes) / a, h).sum())
+        if lfull >= q.meta["lfull"]:
+            q.meta["feedback"] = "rejected"
+            return q
+        q.meta.update(lfull=lfull, lfull_before_feedback=q.meta["lfull"], feedback="kept")
+        return replace(q, codes=grid.codes)
 
     def _apply_scaling(self, q: QuantizedWeight, w, s, h) -> QuantizedWeight:
         a, _before, _after = train_scaling_vector(w, s, h, q.codes, q.lut.shape[1], self.scaling_steps)
         a16 = a.half().float()
         # One alternation: re-cluster W diag(a) with sensitivities s / a^2 at the same widths.
-        lut, codes = cluster_at_widths(w * a16, s / a16**2, q.bits.to(w.device))
+        lut, codes = codebooks_at_widths(w * a16, s / a16**2, q.bits.to(w.device))
         lfull = float(row_output_error(w, lut_reconstruction(lut, codes) / a16, h).sum())
         if lfull >= q.meta["lfull"]:
             q.meta["scaling"] = "rejected"
             return q
-        scaled = QuantizedWeight(q.out_features, q.in_features, codes, q.bits, lut=lut, input_scale=a16.half())
+        scaled = QuantizedWeight(q.out_features, q.in_features, codes, q.bits, lut=lut, input_scale=a16.half(),
+                                 meta=dict(q.meta))
         scaled.meta.update(lfull=lfull, lfull_unscaled=q.meta["lfull"], scaling="kept")
         return scaled

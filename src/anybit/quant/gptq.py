@@ -83,3 +83,24 @@ def gptq_quantize(
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     return q
+
+
+class CodebookColumnQuantizer:
+    """GPTQ column quantizer on fixed per-row codebooks: each entry goes to its row's nearest
+    centroid. ``lut`` (rows, K) holds each row's sorted centroids; rows with fewer than K
+    centroids are padded with +inf, which no value is ever nearest to."""
+
+    group_size = 0
+
+    def __init__(self, lut: torch.Tensor, cols: int):
+        self.lut = lut.float()
+        self.codes = torch.zeros(lut.shape[0], cols, dtype=torch.uint8, device=lut.device)
+
+    def start_group(self, cols: torch.Tensor, first: int) -> None:
+        pass
+
+    def quantize_column(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        mid = (self.lut[:, 1:] + self.lut[:, :-1]) * 0.5
+        code = torch.searchsorted(mid.contiguous(), w[:, None].contiguous())
+        self.codes[:, col] = code[:, 0].to(torch.uint8)
+        return torch.gather(self.lut, 1, code)[:, 0]

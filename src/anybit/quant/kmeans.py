@@ -168,3 +168,13 @@ def kmeans_codebooks(x: torch.Tensor, s: torch.Tensor | None, bits: int, iters: 
     lut = centroids.to(torch.float16).float().sort(1).values
     codes = assign_nearest(x.float(), lut)
     return lut.to(torch.float16), codes.to(torch.uint8)
+
+
+def codebooks_at_widths(x: torch.Tensor, s: torch.Tensor, bits: torch.Tensor):
+    """Per-row codebooks at each row's own width: (lut (R, 2^max) fp16, codes (R, n) uint8)."""
+    lut = torch.zeros(x.shape[0], 2 ** int(bits.max()), dtype=torch.float16, device=x.device)
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    for b in bits.unique().tolist():
+        sel = bits == b
+        lut[sel, : 2**b], codes[sel] = kmeans_codebooks(x[sel], s[sel], b)
+    return lut, codes

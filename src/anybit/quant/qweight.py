@@ -17,7 +17,7 @@ fp16 values that replace the de-quantized weight at their positions).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -68,6 +68,14 @@ class QuantizedWeight:
     @property
     def numel(self) -> int:
         return self.out_features * self.in_features
+
+    def to(self, device) -> "QuantizedWeight":
+        """The same weight with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        if self.outliers is not None:
+            moved["outliers"] = Outliers(self.outliers.positions.to(device), self.outliers.values.to(device))
+        return replace(self, **moved)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = self.codes.long()

@@ -28,6 +28,7 @@ class RowCodebookTable:
     def assemble(self, choice: torch.Tensor):
         """(lut (R, 2^max) fp16, codes (R, n) uint8, bits (R,)) for one candidate index per row."""
         rows, n = self.codes[0].shape
+        choice = choice.to(self.codes[0].device)
         bits = torch.tensor(self.widths, device=choice.device)[choice]
         kmax = 2 ** int(bits.max())
         lut = torch.zeros(rows, kmax, dtype=torch.float16, device=self.luts[0].device)

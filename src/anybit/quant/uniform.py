@@ -67,14 +67,15 @@ class AffineColumnQuantizer:
     processing order so the result can be stored as-is.
     """
 
-    def __init__(self, rows: int, cols: int, group_bits: torch.Tensor, group_size: int, params_fn=None):
+    def __init__(self, rows: int, cols: int, group_bits: torch.Tensor, group_size: int, params_fn=None,
+                 device=None):
         self.group_size = group_size
         self.group_bits = group_bits
         self.params_fn = params_fn or (lambda cols, bits, first: minmax_params(cols, bits))
         n_groups = group_bits.numel()
-        self.codes = torch.zeros(rows, cols, dtype=torch.uint8)
-        self.scales = torch.zeros(rows, n_groups)
-        self.zeros = torch.zeros(rows, n_groups)
+        self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=device)
+        self.scales = torch.zeros(rows, n_groups, device=device)
+        self.zeros = torch.zeros(rows, n_groups, device=device)
         self._scale = self._zero = None
         self._bits = 0
 
