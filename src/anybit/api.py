@@ -78,7 +78,8 @@ def quantize(model: str, method: str, bits: float, out: str | Path | None = None
     samples = calib.calibration(tokenizer, nsamples, seqlen, seed)
     settings = {"bits": bits, "group_size": group_size, **method_options}
     calibration = {"corpus": corpus, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    run = resume.fingerprint(model, method, settings, calibration, samples, device, __version__) if out is not None else None
+    run = None if out is None else resume.fingerprint(model, method, settings, calibration, samples, device,
+                                                      __version__)
     t0 = time.perf_counter()
     with resume.progress_for(out, run, overwrite) as store:  # resumes an interrupted run of this command
         result = quantize_model(lm, samples, quantizer, device=device, progress=progress, store=store)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -37,11 +38,12 @@ def _fsync(path, directory: bool = False) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    """The cause in a few words: safetensors reports I/O errors as text inside its own error."""
+    """The cause in a few words: safetensors reports I/O errors as text inside its own error
+    ("Error while serializing: I/O error: No space left on device (os error 28)")."""
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
-    text = str(exc)
-    return text.split("I/O error: ", 1)[1] if "I/O error: " in text else text
+    text = str(exc).split("I/O error: ", 1)[-1]
+    return re.sub(r" \(os error \d+\)$", "", text)
 
 
 @contextmanager
@@ -103,7 +105,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise AnybitError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AnybitError(f"output directory {out} is not empty (use --overwrite to replace it)")
-    existing = next(p for p in Path(os.path.abspath(out)).parents if p.exists())
+    existing = next((p for p in out.parents if p.exists()), Path("."))
     if not existing.is_dir():
         raise AnybitError(f"cannot create output directory {out}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -214,8 +215,9 @@ def _read_manifest(folder: Path) -> dict:
 
 @contextmanager
 def progress_for(out, run_fingerprint: dict, overwrite: bool = False):
-    """The run's ``RunProgress`` (None without an output directory), unlocked on leaving, kept on
-    disk: only ``discard_progress`` after the output is published removes it."""
+    """The run's ``RunProgress`` (None without an output directory), unlocked on leaving. It stays
+    on disk for a resume unless nothing was saved; ``discard_progress`` removes it once the
+    output is published."""
     if out is None:
         yield None
         return
@@ -224,10 +226,18 @@ def progress_for(out, run_fingerprint: dict, overwrite: bool = False):
         yield progress
     finally:
         progress.close()
+        if _nothing_saved(progress.folder):
+            shutil.rmtree(progress.folder, ignore_errors=True)
 
 
 def discard_progress(out) -> None:
     shutil.rmtree(progress_dir(out), ignore_errors=True)
+
+
+def _nothing_saved(folder: Path) -> bool:
+    """A run that stopped before its first block or plan (say on a budget it could not reach)
+    leaves nothing worth refusing a corrected command for."""
+    return not (folder / PLAN_FILE).exists() and not (folder / block_file(0)).exists()
 
 
 class RunProgress:
@@ -242,7 +252,7 @@ class RunProgress:
             self.finished += 1
         self.resumed = self.finished
         for entry in folder.iterdir():  # temporaries of a killed writer; the lock says none is alive
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") and entry.is_file():
                 entry.unlink(missing_ok=True)
 
     @classmethod
@@ -255,15 +265,18 @@ class RunProgress:
             remove_stale(folder)
         if folder.is_dir():
             fd = _lock(folder)
-            if not overwrite:
-                difference = first_difference(_read_manifest(folder)["fingerprint"], run_fingerprint)
-                if difference is None:
-                    return cls(folder, fd)
-                os.close(fd)
-                raise AnybitError(f"{folder} holds an interrupted run with {difference}: rerun that command "
-                                  f"to resume it, or {START_OVER}")
-            with write_errors(folder):
-                shutil.rmtree(folder)
+            try:
+                if not (overwrite or _nothing_saved(folder)):
+                    difference = first_difference(_read_manifest(folder)["fingerprint"], run_fingerprint)
+                    if difference is None:
+                        return cls(folder, fd)
+                    raise AnybitError(f"{folder} holds an interrupted run with {difference}: rerun that command "
+                                      f"to resume it, or {START_OVER}")
+                with write_errors(folder):
+                    shutil.rmtree(folder)
+            except BaseException:
+                os.close(fd)  # a refused or failed open must not keep the run locked in this process
+                raise
             os.close(fd)
         manifest = {"format": PROGRESS_FORMAT, "version": PROGRESS_VERSION, "fingerprint": run_fingerprint}
         with atomic_directory(folder) as tmp:
@@ -280,7 +293,9 @@ class RunProgress:
         if not path.is_file():
             return False
         try:
-            saved = torch.load(path, weights_only=True)
+            with warnings.catch_warnings():  # a damaged file also draws pickle warnings: the error says it all
+                warnings.simplefilter("ignore")
+                saved = torch.load(path, weights_only=True)
             state, rng = saved["method"], saved["rng"]
         except Exception as exc:  # torch.load fails in many ways; any of them means the file is bad
             raise self._damaged(path, type(exc).__name__, "the planning pass") from None

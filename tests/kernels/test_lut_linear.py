@@ -118,6 +118,7 @@ CASES = [  # rows, cols, bits, batch, mode, lut dtype, extra
     (17, 45, 8, 4, "dot", torch.float32, "ridx"),
     (16, 33, 8, 1, "fma", torch.float16, "bf16"),
     (24, 160, 3, 5, "dot", torch.float16, "bf16+scale"),
+    (40, 1100, 3, 3, "dot", torch.float16, "ridx"),  # long enough rows for split-K (4 programs a tile)
 ]
 
 

@@ -45,5 +45,5 @@ def test_greedy_allocation_close_to_lagrangian_bound():
 def test_candidate_widths_follow_the_codebook_cost():
     assert candidate_widths(3.25, 576) == (2, 3, 4)
     assert candidate_widths(2.25, 576) == (1, 2, 3)
-    assert candidate_widths(4.0, 4096) == (3, 4, 5)
-    assert candidate_widths(4.0, 576) == (2, 3, 4)  # 4 bits + a 16-entry codebook exceed 4.0 on short rows
+    assert candidate_widths(4.5, 4096) == (3, 4, 5)
+    assert candidate_widths(4.0, 4096) == (2, 3, 4)  # 4-bit codes + a 16-entry fp16 codebook exceed 4.0

@@ -4,18 +4,21 @@ Public entry points:
 
 - ``lut_linear(x, codes, lut, bits, in_features, row_index=None, out=None, *, input_scale=None,
   outliers=None, out_features=None)``: one width block. ``codes`` int32 (rows_b, ceil(in/32) * bits)
-  from ``anybit.formats.bitpack.pack_bitplanes``; ``lut`` (rows_b, >= 2**bits) fp16 or fp32
-  (an fp32 copy is faster on CUDA at batch 1); row r of the block is written to column
-  ``row_index[r]`` of ``out`` (other columns untouched). ``input_scale`` divides x per input
-  column; ``outliers`` (sparse CSR (out_features x in_features), or a (crow, col, values) tuple)
-  adds ``x @ S^T`` on the raw x once the block is written -- pass it with one block only.
+  from ``anybit.formats.bitpack.pack_bitplanes``; ``lut`` (rows_b, >= 2**bits) fp16 (fp32
+  holding fp16 values also works, slower); row r of the block is written to column
+  ``row_index[r]`` of ``out`` (other columns untouched); without ``out``/``row_index`` the result
+  is (..., rows_b). ``input_scale`` divides x per input column; ``outliers`` (sparse CSR
+  (out_features x in_features), or a (crow, col, values) tuple) adds ``x @ S^T`` on the raw x
+  once the block is written -- pass it with one block only.
 - ``lut_linear_blocks(x, blocks, out_features, *, input_scale=None, outliers=None, out=None)``:
   a mixed-width matrix as its width blocks ``(codes, lut, bits, row_index)``, one launch per block
   and one for the outliers, all writing straight into one output.
 
 On CUDA tensors these run the Triton kernels (``triton_lut``); elsewhere, or with
 ``ANYBIT_KERNELS=reference`` in the environment, the pure-torch reference (``reference``), which
-is the same function. Activations fp16, bf16 or fp32; accumulation in fp32.
+is the same function. Activations fp16, bf16 or fp32; accumulation in fp32. Each call launches
+one kernel per block (plus one for outliers): for batch-1 decoding capture the model in a CUDA
+graph, as the benchmark does (benchmarks/kernels.py), or Python launch overhead dominates.
 """
 
 from __future__ import annotations

@@ -7,17 +7,24 @@ of 32 columns, ``BITS`` int32 words, word ``p`` holding bit ``p`` of the 32 code
 Decoding (what costs instructions; the bytes are few): for a column offset ``s`` in 0..7 the bits
 of columns ``s, s+8, s+16, s+24`` of plane ``p`` go into the 4 bytes of one word with one shift
 and one mask (``(w_p >> (s - p)) & (0x01010101 << p)``): ``BITS`` shifts and masks give 4 codes
-("code4"), one per byte. Each value is then a gather from the row's ``2**BITS`` codebook entries,
-which stay in L1. On CUDA (``ASM``) the codes are built pre-scaled to byte offsets and OR-ed with
-the low address byte of the row's codebook, so one PRMT per value makes its address (this needs
-the row's codebook aligned to its size: ``aligned_for_asm``). The 32 values of a chunk are joined
-so that each thread holds 32 consecutive columns of one (row, chunk); the tile then feeds fp32
-FMAs (batch 1: ``_lut_fma_kernel``) or a tensor-core ``tl.dot`` (``_lut_dot_kernel``, batches of
-up to 16 per launch). An fp32 copy of the codebook (``LUT32``) saves the fp16 -> fp32 conversion
-of every value on the FMA path.
+("code4"), one per byte. Each code then becomes its codebook value in one of two ways:
+
+- gather (portable, and on CUDA for column offsets ``s < SEL``): a load from the row's
+  ``2**BITS`` entries, which stay in L1. On CUDA (``ASM``) the codes are built pre-scaled to byte
+  offsets and OR-ed with the low address byte of the row's codebook, so one PRMT per value makes
+  its address (the row's codebook must be aligned to its size: ``aligned_for_asm``);
+- select (CUDA, ``s >= SEL``, fp16 codebooks of up to 16 entries): the row's entries sit in
+  registers, two per word, and PRMT byte permutes pick a half2 of two codes' values with no
+  memory access at all (``_select4_asm``).
+
+The 32 values of a chunk are joined so that each thread holds 32 consecutive columns of one
+(row, chunk); the tile then feeds fp32 FMAs (batch 1: ``_lut_fma_kernel``) or a tensor-core
+``tl.dot`` (``_lut_dot_kernel``, up to 16 rows of x per launch, split-K over the columns with an
+fp32 workspace that the kernel leaves zeroed). Code words are loaded a step or two ahead.
 
 Sparse outliers (``y += x @ S^T``, CSR) are added by ``_csr_add_kernel`` after the blocks.
 Every kernel here also runs under ``TRITON_INTERPRET=1`` on CPU tensors (with ``ASM`` off).
+Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -203,7 +210,7 @@ def _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3
              S: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, LUT32: tl.constexpr, SEL: tl.constexpr):
     """(R, U, 2, 2) values of columns S + 8 * (2 * j1 + j0) at [.., j1, j0]. Column offsets
     S >= SEL pick from registers (``_select4_asm``), the others gather through L1."""
-    if ASM and S >= SEL:
+    if ASM and S >= SEL and BITS <= 4 and not LUT32:
         c = _code4(w0, w1, w2, w3, w4, w5, w6, w7, tl.zeros_like(base), S, BITS, 0)
         v0, v1, v2, v3 = _select4_asm(c, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, BITS)
     elif ASM:
@@ -311,8 +318,9 @@ def _lut_fma_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
                     LUT32: tl.constexpr, SEL: tl.constexpr, XF32: tl.constexpr):
     """One row of x per program column, fp32 FMAs on CUDA cores (batch 1). Grid (M, row tiles):
     the M programs of a row tile are neighbours, so its codes are read from DRAM once. The code
-    words of the next PF (1 or 2) steps are loaded ahead of this step's decode: DRAM latency is
-    what limits a GEMV whose threads each read a few words per step."""
+    words of the next PF (1 or 2) steps are loaded ahead of this step's decode. RED: sum each
+    step's 32 columns in-thread (a (BLOCK_R, U) accumulator instead of (BLOCK_R, U, 32), fewer
+    registers, more warps per SM). XF32: x goes to fp32 before its layout change."""
     m = tl.program_id(0)
     pid = tl.program_id(1)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -363,16 +371,24 @@ def _lut_fma_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
 
 
 @triton.jit
-def _lut_dot_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
-                    M, R, K, NCHUNK, stride_xm, stride_cr, stride_lr, stride_ym,
+def _lut_dot_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr, ws_ptr, sem_ptr,
+                    M, R, K, NCHUNK, CPS, stride_xm, stride_cr, stride_lr, stride_ym,
                     BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, F16_DOT: tl.constexpr,
+                    SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, F16_DOT: tl.constexpr,
                     ASM: tl.constexpr, LUT32: tl.constexpr, SEL: tl.constexpr):
     """Rows m < min(M, BLOCK_M) of x: y^T tile (BLOCK_R, BLOCK_M) = W tile @ x^T on tensor cores.
 
     F16_DOT: fp16 operands (x fp16 and no input scale: exact products). Otherwise fp32 operands
-    in tf32, exact for fp16 weights and bf16 x; x / input_scale is rounded to tf32."""
+    in tf32, exact for fp16 weights and bf16 x; x / input_scale is rounded to tf32.
+
+    SPLIT > 1: program (tile, s) takes chunks [s * CPS, (s + 1) * CPS) and adds its partial sums
+    into the fp32 workspace ``ws`` (M x R) with atomics; the last of a tile's SPLIT programs (a
+    ticket in ``sem``) reads the sums back (an atomic add of 0), writes y, zeroes them and resets
+    its ticket, so the workspace is all zeros again for the next launch."""
     pid = tl.program_id(0)
+    ks = tl.program_id(1)
+    c_begin = ks * CPS
+    c_end = tl.minimum(NCHUNK, c_begin + CPS)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     rows_c = tl.where(rmask, rows, 0).to(tl.int64)
@@ -382,12 +398,12 @@ def _lut_dot_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
     ms = tl.arange(0, BLOCK_M)
     ucid = tl.arange(0, U)
     acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-    w0, w1, w2, w3, w4, w5, w6, w7 = _load_words(cptr, ucid, BITS, NCHUNK)
-    for c0 in range(0, NCHUNK, U):
-        n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(cptr, c0 + U + ucid, BITS, NCHUNK)
-        w = tl.reshape(_decode(lbase, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
-                    BITS, BLOCK_R, U, ASM, LUT32, SEL),
-                       (BLOCK_R, U * 32))
+    w0, w1, w2, w3, w4, w5, w6, w7 = _load_words(cptr, c_begin + ucid, BITS, c_end)
+    for c0 in range(c_begin, c_end, U):
+        n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(cptr, c0 + U + ucid, BITS, c_end)
+        w = _decode(lbase, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
+                    BITS, BLOCK_R, U, ASM, LUT32, SEL)
+        w = tl.reshape(w, (BLOCK_R, U * 32))
         w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
         cols = c0 * 32 + tl.arange(0, U * 32)
         xmask = (ms[:, None] < M) & (cols[None, :] < K)
@@ -405,7 +421,18 @@ def _lut_dot_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
     else:
         dst = rows
     ptrs = y_ptr + ms[None, :] * stride_ym + dst[:, None]
-    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (ms[None, :] < M))
+    omask = rmask[:, None] & (ms[None, :] < M)
+    if SPLIT == 1:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        wptrs = ws_ptr + ms[None, :] * R + rows[:, None]
+        tl.atomic_add(wptrs, acc, mask=omask)
+        ticket = tl.atomic_add(sem_ptr + pid, 1)
+        if ticket == SPLIT - 1:
+            tot = tl.atomic_add(wptrs, tl.zeros_like(acc), mask=omask)  # read through L2
+            tl.store(ptrs, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(wptrs, tl.zeros_like(acc), mask=omask)
+            tl.atomic_xchg(sem_ptr + pid, 0)
 
 
 @triton.jit
@@ -446,11 +473,35 @@ def aligned_for_asm(lut: torch.Tensor, bits: int) -> bool:
 
 
 def config_for(mode: str, rows: int, in_features: int, bits: int, batch: int) -> tuple[int, ...]:
-    """(BLOCK_R, U, num_warps[, PF]): rows per program, chunks of 32 columns per step, warps,
-    steps of code words loaded ahead (FMA kernel)."""
+    """(BLOCK_R, U, num_warps, PF, RED, SEL, XF32, SPLIT) for a launch (H100 sweeps in
+    benchmarks/KERNEL_NOTES.md): rows per program, chunks of 32 columns per step, warps, steps of
+    code words loaded ahead, per-step reduction of the 32 columns (FMA kernel), first column
+    offset (of 8) whose values are picked from registers instead of gathered, x converted to fp32
+    before its layout change (FMA), K-splits (dot; 0 = enough programs for ~4 per SM)."""
     if mode == "fma":
-        return (8, 16, 4, 2)
-    return (32, 4, 4)
+        return (4, 32, 4, 2, 1, 0, 1, 1)
+    return (64, 4, 4, 2, 0, 0, 1, 0)
+
+
+_WORKSPACE: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _workspace(device, n: int, tiles: int):
+    """Zeroed fp32 partial sums and int32 tickets for split-K, kept per device; the kernel leaves
+    them zeroed. Grown outside any CUDA graph capture by the first (warm-up) call of a size."""
+    key = (device.type, device.index)
+    ws, sem = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < n or sem.numel() < tiles:
+        ws = torch.zeros(max(n, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        sem = torch.zeros(max(tiles, 0 if sem is None else sem.numel()), dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, sem)
+    return ws, sem
 
 
 def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_scale=None, *,
@@ -458,7 +509,10 @@ def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_sc
                  use_asm: bool | None = None):
     """Write one width block's rows of y2 (M, out) from x2 (M, in) and return y2.
 
-    ``lut`` is fp16 or fp32 (rows_b, >= 2**bits); ``mode`` "fma" or "dot" (default by batch)."""
+    ``lut`` is fp16 (fastest) or fp32 holding fp16 values (rows_b, >= 2**bits); ``mode`` "fma" or
+    "dot" (default: "fma" for one row of x, else "dot"); ``config`` overrides ``config_for``;
+    ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. Split-K
+    launches share one workspace per device: do not run them concurrently on several streams."""
     M = x2.shape[0]
     R = codes.shape[0]
     if R == 0 or M == 0:
@@ -490,6 +544,7 @@ def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_sc
     has_ridx = row_index is not None
     scale = input_scale.contiguous() if has_scale else x2
     ridx = row_index.contiguous() if has_ridx else codes
+    split = cfg[7] if len(cfg) > 7 else 0
     if mode == "fma":
         grid = (M, triton.cdiv(R, block_r))
         _lut_fma_kernel[grid](x2, codes, lut, scale, ridx, y2, M, R, in_features, nchunk,
@@ -498,13 +553,19 @@ def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_sc
                               ASM=use_asm, LUT32=lut32, SEL=sel, XF32=xf32, num_warps=warps)
     else:
         f16 = x2.dtype == torch.float16 and not has_scale
+        tiles = triton.cdiv(R, block_r)
+        if split <= 0:  # enough programs to fill the GPU: about 4 per multiprocessor
+            split = max(1, min(8, round(4 * _sm_count(x2.device) / tiles), nchunk // (2 * u)))
+        cps = triton.cdiv(triton.cdiv(nchunk, split), u) * u
+        split = triton.cdiv(nchunk, cps)
+        ws, sem = _workspace(x2.device, 16 * R, tiles) if split > 1 else (x2, codes)
         for m0 in range(0, M, 16):
             xm = x2[m0:m0 + 16]
             ym = y2[m0:m0 + 16]
-            _lut_dot_kernel[(triton.cdiv(R, block_r),)](
-                xm, codes, lut, scale, ridx, ym, xm.shape[0], R, in_features, nchunk,
+            _lut_dot_kernel[(tiles, split)](
+                xm, codes, lut, scale, ridx, ym, ws, sem, xm.shape[0], R, in_features, nchunk, cps,
                 xm.stride(0), codes.stride(0), lut.stride(0), ym.stride(0),
-                BITS=bits, BLOCK_R=block_r, U=u, BLOCK_M=16, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
+                BITS=bits, BLOCK_R=block_r, U=u, BLOCK_M=16, SPLIT=split, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
                 F16_DOT=f16, ASM=use_asm, LUT32=lut32, SEL=sel, num_warps=warps)
     return y2
 

@@ -60,7 +60,7 @@ class ColumnKMeansQuantizer:
         span = slice(first, first + cols.shape[1])
         live = (~self.reserved[:, span]).float().t().contiguous()
         lut, _ = codebooks_at_widths(cols.t().contiguous(), live, self.bits[span].to(cols.device))
-        self.lut[span] = lut
+        self.lut[span, : lut.shape[1]] = lut
 
     def quantize_column(self, w: torch.Tensor, col: int) -> torch.Tensor:
         k = 2 ** int(self.bits[col])

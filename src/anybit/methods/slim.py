@@ -118,6 +118,10 @@ class SliM:
     percdamp: float = 0.01
     name = "slim"
     keep_inputs = 2048  # calibration tokens kept per linear for the KL score
+    # Group widths move a layer's bits in steps of a whole group, so what one layer leaves
+    # unspent is carried to the next: the model as a whole meets the budget.
+    _numel_done: int = 0
+    _bits_done: int = 0
 
     @classmethod
     def from_options(cls, bits, group_size=0, sqc="code", **_):
@@ -135,9 +139,10 @@ class SliM:
         # Honest budget per group: codes + fp16 scale/zero per row. Mixed widths add a byte per
         # group on top (< 0.001 bits/weight on real shapes), so 3.25 bits with groups of 128
         # still buys 3-bit codes on average.
-        code_budget = self.budget * w.numel() - n_groups * 32 * rows
+        target = self.budget * (self._numel_done + w.numel()) - self._bits_done
+        code_budget = target - n_groups * 32 * rows
         sizes = torch.tensor([min(g, cols - s) for s in range(0, cols, g)], dtype=torch.float64) * rows
-        n_base = math.floor(code_budget / float(sizes.sum()))
+        n_base = min(8, math.floor(code_budget / float(sizes.sum())))
         if n_base < 1:
             raise AnybitError(f"budget {self.budget} bits is too low for slim with groups of {g}")
         base = torch.full((n_groups,), n_base, dtype=torch.long)
@@ -151,5 +156,8 @@ class SliM:
         bits = salience_bits(sums, base, x, w, g) if x is not None else base
         grid = AffineColumnQuantizer(rows, cols, bits, g, SalienceWeightedGrid(sal, g, self.sqc), device=w.device)
         gptq_quantize(w, h, grid, percdamp=self.percdamp)
-        return QuantizedWeight(rows, cols, grid.codes, bits.to(torch.int32), scales=grid.scales.half(),
-                               zeros=grid.zeros.half(), group_size=g)
+        q = QuantizedWeight(rows, cols, grid.codes, bits.to(torch.int32), scales=grid.scales.half(),
+                            zeros=grid.zeros.half(), group_size=g)
+        self._numel_done += w.numel()
+        self._bits_done += q.total_bits()
+        return q
