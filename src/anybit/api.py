@@ -167,3 +167,24 @@ def evaluate_tasks(model: str, tasks: list[str], device: str | None = None, limi
     harness_model = HFLM(pretrained=lm, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = lm_eval.simple_evaluate(model=harness_model, tasks=[t.strip() for t in tasks if t.strip()], limit=limit)
     return {"model": model, "tasks": results["results"]}
+
+
+def sweep(model: str, methods: list[str], budgets: list[float], out: str | Path, corpus: str = "shakespeare",
+          eval_corpus: str = "shakespeare-heldout", nsamples: int = 64, seqlen: int = 512, eval_windows: int = 64,
+          seed: int = 0, device: str | None = None, overwrite: bool = False, progress: bool = True) -> str:
+    """Run ``methods`` x ``budgets`` (plus fp); write sweep.md, sweep.json and pareto.png to ``out``."""
+    from anybit.report import markdown_table, pareto_plot
+    from anybit.sweep import Config, config_for, run_sweep
+
+    Corpus(corpus), Corpus(eval_corpus)  # unknown corpora fail before any work
+    check_output_dir(Path(out), overwrite)
+    configs = [Config("fp")] + [config_for(m, b) for m in methods for b in budgets]
+    rows = run_sweep(model, configs, corpus, eval_corpus, nsamples, seqlen, eval_windows, seed,
+                     resolve_device(device), progress)
+    table = markdown_table(rows)
+    fp_ppl = rows[0].ppl
+    with atomic_directory(Path(out), overwrite) as tmp:
+        (tmp / "sweep.md").write_text(table)
+        (tmp / "sweep.json").write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+        pareto_plot(rows, tmp / "pareto.png", fp_ppl, f"{model}: perplexity vs honest bits")
+    return table

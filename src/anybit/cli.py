@@ -23,6 +23,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=float, required=True, help="bits per weight")
     p.add_argument("--group-size", type=int, default=0, help="columns per group, 0 = per channel")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending diag(H)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable: skim scope=model|layer, allocator=greedy|lagrangian, "
+                        "scaling=true, feedback=false; slim sqc=code|paper|off; cmpq outlier_fraction=0.005; "
+                        "claq reserve_top=0.014, reserve_rest=0.004")
     p.add_argument("--corpus", default="shakespeare", help="calibration corpus (default shakespeare)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
     p.add_argument("--seed", type=int, default=0)
@@ -49,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="per-layer widths, bits per weight and sizes of a packed checkpoint")
     ins.add_argument("checkpoint", help="packed anybit checkpoint directory")
     ins.add_argument("--json", action="store_true", help="print the details as JSON")
+    sw = sub.add_parser("sweep", help="methods x budgets: markdown table, JSON and a Pareto plot")
+    sw.add_argument("--model", required=True)
+    sw.add_argument("--methods", default="rtn,gptq,squeezellm,skim,slim,cmpq,claq")
+    sw.add_argument("--budgets", default="2.25,2.5,3,3.25,4", help="honest bits per weight, comma-separated")
+    sw.add_argument("--corpus", default="shakespeare")
+    sw.add_argument("--eval-corpus", default="shakespeare-heldout")
+    sw.add_argument("--nsamples", type=int, default=64)
+    sw.add_argument("--eval-windows", type=int, default=64)
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--out", required=True, help="directory for sweep.md, sweep.json and pareto.png")
+    _add_common(sw)
     demo = sub.add_parser("demo", help=f"quantize {DEMO_MODEL} at the default budget; print quality and size")
     demo.add_argument("--out", default="out/demo")
     _add_common(demo)
@@ -59,6 +74,7 @@ def _quantize(args) -> dict:
     from anybit import api
 
     options = {"act_order": True} if args.act_order else {}
+    options.update(_method_options(args.opt))
     return api.quantize(
         args.model, args.method, args.bits, out=args.out, group_size=args.group_size, corpus=args.corpus,
         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
@@ -103,6 +119,25 @@ def _print_summary(report: dict, out: str | None) -> None:
         print(f"wrote {out}")
 
 
+def _method_options(pairs: list[str]) -> dict:
+    from anybit.sweep import coerce_value
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AnybitError(f"--opt takes KEY=VALUE, got {pair!r}")
+        options[key.replace("-", "_")] = coerce_value(value)
+    return options
+
+
+def _csv(text: str, kind):
+    try:
+        return [kind(x) for x in text.split(",") if x]
+    except ValueError as exc:
+        raise AnybitError(f"cannot read list {text!r}: {exc}") from exc
+
+
 def _demo(args) -> None:
     from anybit import api
 
@@ -137,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(args)
         elif args.command == "demo":
             _demo(args)
+        elif args.command == "sweep":
+            from anybit import api
+
+            print(api.sweep(args.model, _csv(args.methods, str), _csv(args.budgets, float), args.out, args.corpus,
+                            args.eval_corpus, args.nsamples, args.seqlen, args.eval_windows, args.seed, args.device,
+                            progress=not args.quiet))
     except AnybitError as exc:
         print(f"anybit: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -7,6 +7,7 @@ Used by ``anybit sweep`` and ``benchmarks/ladder.py``.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -38,7 +39,7 @@ class Config:
         if len(parts) > 3 and parts[3]:
             for item in parts[3].split(","):
                 key, _, value = item.partition("=")
-                options.append((key, _coerce(value)))
+                options.append((key, coerce_value(value)))
         return cls(method, bits, group, tuple(sorted(options)))
 
     @property
@@ -51,7 +52,23 @@ class Config:
         return f"{self.method} {bits}{group}{opts}"
 
 
-def _coerce(value: str):
+UNIFORM_METHODS = ("rtn", "gptq", "squeezellm")
+
+
+def config_for(method: str, budget: float) -> Config:
+    """The configuration of ``method`` for an honest budget. Uniform-width methods take whole
+    bits: rtn/gptq spend the fraction on fp16 scale+zero groups (3.25 -> 3-bit g128, 2.5 ->
+    2-bit g64, 4 -> 4-bit per channel); squeezellm takes the whole bits below the budget."""
+    if method not in UNIFORM_METHODS:
+        return Config(method, float(budget))
+    bits = math.floor(budget)
+    frac = budget - bits
+    if method == "squeezellm" or frac < 1e-9:
+        return Config(method, float(bits))
+    return Config(method, float(bits), int(round(32 / frac)))
+
+
+def coerce_value(value: str):
     for kind in (int, float):
         try:
             return kind(value)

@@ -6,6 +6,8 @@ A method is an object with ``name`` and ``quantize(weight, stats) -> QuantizedWe
 
 from __future__ import annotations
 
+import inspect
+
 from anybit.errors import AnybitError
 from anybit.methods.baselines import GPTQ, RTN, SqueezeLLM
 from anybit.methods.claq import CLAQ
@@ -19,4 +21,10 @@ METHODS = {cls.name: cls for cls in (RTN, GPTQ, SqueezeLLM, SKIM, SliM, CMPQ, CL
 def build_method(name: str, bits: float, group_size: int = 0, **options):
     if name not in METHODS:
         raise AnybitError(f"unknown method {name!r}: choose from {', '.join(sorted(METHODS))}")
-    return METHODS[name].from_options(bits=bits, group_size=group_size, **options)
+    factory = METHODS[name].from_options
+    known = [p.name for p in inspect.signature(factory).parameters.values()
+             if p.kind is not p.VAR_KEYWORD and p.name not in ("bits", "group_size")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise AnybitError(f"method {name} has no option {', '.join(unknown)} (options: {', '.join(known) or 'none'})")
+    return factory(bits=bits, group_size=group_size, **options)
