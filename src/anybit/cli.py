@@ -9,6 +9,7 @@ import sys
 from anybit.errors import AnybitError
 
 DEMO_MODEL = "smollm2-135m"
+DEMO_METHOD, DEMO_BITS = "skim", 3.25  # the default recipe at the default budget
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -19,7 +20,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="smollm2-135m, a Hugging Face directory, or a .gguf file")
-    p.add_argument("--method", required=True, help="rtn, gptq, squeezellm")
+    p.add_argument("--method", required=True, help="skim (default recipe), slim, cmpq, claq, rtn, gptq, squeezellm")
     p.add_argument("--bits", type=float, required=True, help="bits per weight")
     p.add_argument("--group-size", type=int, default=0, help="columns per group, 0 = per channel")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending diag(H)")
@@ -141,11 +142,12 @@ def _csv(text: str, kind):
 def _demo(args) -> None:
     from anybit import api
 
-    report = api.quantize(DEMO_MODEL, "gptq", 4, group_size=128, out=args.out, device=args.device,
+    report = api.quantize(DEMO_MODEL, DEMO_METHOD, DEMO_BITS, out=args.out, device=args.device,
                           seqlen=args.seqlen, overwrite=True, progress=not args.quiet)
     fp = api.evaluate(DEMO_MODEL, seqlen=args.seqlen, device=args.device, progress=not args.quiet)
     params = report["quantized_params"]
-    print(f"demo: {DEMO_MODEL}, gptq 4-bit g128, calibrated on shakespeare, scored on shakespeare-heldout")
+    print(f"demo: {DEMO_MODEL}, {DEMO_METHOD} at {DEMO_BITS} honest bits per weight, calibrated on shakespeare, "
+          "scored on shakespeare-heldout")
     print(f"  fp32 baseline perplexity      {fp['ppl']:.3f}")
     q = report["evaluation"]["shakespeare-heldout"]
     print(f"  quantized perplexity          {q['ppl']:.3f}")

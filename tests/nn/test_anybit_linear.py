@@ -5,7 +5,7 @@ from anybit.nn import AnybitLinear
 from anybit.nn import linear as linear_module
 from anybit.nn.reference import codes_at
 from anybit.formats.bitpack import pack_bitplanes
-from tests.formats.random_qweights import all_kinds
+from tests.formats.random_qweights import all_kinds, random_lut, with_extras
 
 KINDS = all_kinds()
 
@@ -73,20 +73,35 @@ def test_cpu_never_asks_for_kernels(monkeypatch):
     assert not called
 
 
-def test_cuda_inputs_use_a_kernel_when_one_exists(monkeypatch):
-    """The dispatch rule, without a GPU: a kernel module's ``lut_linear`` replaces the row-block
-    reference, and a missing counterpart falls back to the reference."""
-
+def test_kernel_path_only_for_row_codebooks_on_cuda(monkeypatch):
+    """Which path a forward takes, without a GPU: the kernel path needs per-row codebooks, a
+    CUDA input and kernels that are switched on; everything else decodes for one dense matmul."""
     class FakeKernels:
         @staticmethod
-        def lut_linear(x, codes, lut, bits, in_features):
-            return "kernel"
+        def use_triton(x):
+            return True
 
     class CudaLike:
         is_cuda = True
 
     monkeypatch.setattr(linear_module, "_kernels", lambda: FakeKernels)
-    from anybit.nn import reference
+    rows = AnybitLinear.from_quantized(random_lut(8, 40, 0, seed=1))
+    cols = AnybitLinear.from_quantized(random_lut(8, 40, 1, seed=2))
+    assert rows.uses_kernel(CudaLike()) and not cols.uses_kernel(CudaLike())
+    assert not rows.uses_kernel(torch.zeros(1))
 
-    assert linear_module.block_kernel(reference.lut_rows_matmul, CudaLike())(1, 2, 3, 4, 5) == "kernel"
-    assert linear_module.block_kernel(reference.affine_matmul, CudaLike()) is reference.affine_matmul
+
+def test_kernel_path_matches_dense_path(monkeypatch):
+    """The block-by-block path (row blocks, reordering, input scale, permutation, outlier
+    correction) against the dense product, with the kernels' own reference standing in."""
+    import anybit.kernels as kernels
+
+    for seed in range(4):
+        q = with_extras(random_lut(24, 70, 0, seed=seed), seed=seed)
+        module = AnybitLinear.from_quantized(q)
+        x = torch.randn(3, 70, generator=torch.Generator().manual_seed(seed))
+        dense = module(x)
+        monkeypatch.setattr(linear_module, "_kernels", lambda: kernels)
+        monkeypatch.setattr(AnybitLinear, "uses_kernel", lambda self, x: True)
+        assert torch.allclose(module(x), dense, atol=1e-4, rtol=1e-4)
+        monkeypatch.undo()

@@ -1,9 +1,12 @@
 """``AnybitLinear``: a linear layer that keeps its weight packed (docs/format.md) and computes with it.
 
 The packed tensors are buffers named as in the checkpoint, so ``state_dict`` is the on-disk
-layout. Forward: scale and permute the input once, multiply it by each width block
-(``block_matmul``, the one step a GPU kernel replaces), put the blocks' outputs together, then add
-the sparse outliers' correction and the bias. The weight is never decoded as a whole.
+layout. Forward, where a GPU kernel exists for the grid (per-row codebooks on CUDA): scale and
+permute the input once, multiply it by each width block (``block_matmul``, the step the kernel
+replaces), put the blocks' outputs together, then add the sparse outliers' correction and the
+bias; the weight is never decoded as a whole. Everywhere else the pure-torch path decodes the
+weight (unpack + codebook lookup) for the one matmul and drops it: the same dense product the
+in-memory quantized model computes, so a saved-and-loaded model gives identical logits.
 """
 
 from __future__ import annotations
@@ -23,25 +26,12 @@ from anybit.nn import reference
 from anybit.quant.qweight import QuantizedWeight
 
 
-# anybit.kernels' name for a reference function, where it differs: the per-row codebook kernel is
-# ``lut_linear(x, codes, lut, bits, in_features)``, called like ``reference.lut_rows_matmul``.
-KERNEL_NAMES = {"lut_rows_matmul": "lut_linear"}
-
-
 @functools.cache
 def _kernels():
     try:
         return importlib.import_module("anybit.kernels")
     except ImportError:
         return None
-
-
-def block_kernel(ref, x: torch.Tensor):
-    """The function computing a block: for CUDA inputs, ``anybit.kernels``' counterpart of the
-    reference function ``ref`` when that module defines one; otherwise ``ref`` itself."""
-    kernels = _kernels() if x.is_cuda else None
-    name = KERNEL_NAMES.get(ref.__name__, ref.__name__)
-    return getattr(kernels, name, ref) if kernels is not None else ref
 
 
 class AnybitLinear(nn.Module):
@@ -101,34 +91,29 @@ class AnybitLinear(nn.Module):
         return (self.member_widths() == bits).nonzero().squeeze(1)
 
     def block_matmul(self, x: torch.Tensor, bits: int) -> torch.Tensor:
-        """Width block ``bits`` times ``x`` (input already scaled and in stored column order): the
-        block's output rows (lut axis 0), or its contribution to every output (otherwise)."""
-        spec, words = self.spec, getattr(self, codes_name(bits))
-        if spec.grid == "lut" and spec.lut_axis == 0:
-            fn = block_kernel(reference.lut_rows_matmul, x)
-            return fn(x, words, getattr(self, lut_name(bits)), bits, self.in_features)
-        members = self.block_members(bits)
-        x = x if members is None else x[..., members]
-        if spec.grid == "lut":
-            fn = block_kernel(reference.lut_cols_matmul, x)
-            return fn(x, words, getattr(self, lut_name(bits)), bits, self.out_features)
-        fn = block_kernel(reference.affine_matmul, x)
-        return fn(x, words, getattr(self, scales_name(bits)), getattr(self, zeros_name(bits)), bits,
-                  spec.group_columns, spec.blocks[bits][1])
+        """The output rows of width block ``bits`` for ``x`` (already scaled and permuted), by the
+        GPU kernel."""
+        return _kernels().lut_linear(x, getattr(self, codes_name(bits)), getattr(self, lut_name(bits)), bits,
+                                     self.in_features)
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        kernels = _kernels() if x.is_cuda else None
+        return (kernels is not None and self.spec.grid == "lut" and self.spec.lut_axis == 0
+                and kernels.use_triton(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_kernel(x):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.dequantize(torch.float32).to(x.dtype), bias)
         spec = self.spec
         xs = x / self.input_scale.to(x.dtype) if spec.input_scale else x
         if spec.perm:
             xs = xs[..., self.perm.long()]
         outputs = [self.block_matmul(xs, bits) for bits in spec.blocks]
-        if spec.grid == "lut" and spec.lut_axis == 0:
-            y = torch.cat(outputs, -1)
-            if len(outputs) > 1:  # blocks hold rows in width order; put them back
-                order = torch.cat([self.block_members(bits) for bits in spec.blocks])
-                y = y[..., torch.argsort(order)]
-        else:
-            y = functools.reduce(torch.add, outputs)
+        y = torch.cat(outputs, -1)
+        if len(outputs) > 1:  # blocks hold rows in width order; put them back
+            order = torch.cat([self.block_members(bits) for bits in spec.blocks])
+            y = y[..., torch.argsort(order)]
         if spec.outliers:
             y = y + self.outlier_correction(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
