@@ -9,9 +9,10 @@ Groups are ``group_size`` consecutive columns spanning all rows (affine grids pe
    start at N+1 so the honest budget is met, and the +/-1 pairs are searched around that;
 3. GPTQ error feedback group by group at each group's width;
 4. SQC: per row and group, the grid's range is shrunk by tau in [0.9, 1.1] (101 candidates) to
-   minimise error; ``sqc="code"`` sums the errors of salient (|z| > 2 on salience) and other
-   weights equally, as the official code does; ``sqc="paper"`` averages each set separately so
-   the few salient weights count as much as the many others; ``sqc="off"`` skips the search.
+   minimise error; ``sqc="code"`` sums the errors of salient and other weights equally, as the
+   official code does; ``sqc="paper"`` averages each set separately so the few salient weights
+   count as much as the many others; ``sqc="off"`` skips the search. Salient means z-score of
+   salience above ``salient_z``: 2 in the official code (default), 3 (3 sigma) in the paper.
 """
 
 from __future__ import annotations
@@ -77,15 +78,15 @@ def salience_bits(sums: torch.Tensor, base: torch.Tensor, x, w, group) -> torch.
 class SalienceWeightedGrid:
     """``params_fn`` for AffineColumnQuantizer: min-max grid with the range shrink tau searched."""
 
-    def __init__(self, salience: torch.Tensor, group: int, mode: str):
-        self.salience, self.group, self.mode = salience, group, mode
+    def __init__(self, salience: torch.Tensor, group: int, mode: str, salient_z: float = 2.0):
+        self.salience, self.group, self.mode, self.salient_z = salience, group, mode, salient_z
 
     def __call__(self, cols: torch.Tensor, bits: int, first: int):
         if self.mode == "off":
             return minmax_params(cols, bits)
         sal = self.salience[:, first : first + cols.shape[1]]
         z = (sal - sal.mean()) / sal.std().clamp_min(1e-20)
-        salient = (z > 2).float()
+        salient = (z > self.salient_z).float()
         xmin = cols.amin(1).clamp(max=0)
         xmax = cols.amax(1).clamp(min=0)
         maxq = 2**bits - 1
@@ -115,6 +116,7 @@ class SliM:
     budget: float
     group_size: int = 128
     sqc: str = "code"
+    salient_z: float = 2.0
     percdamp: float = 0.01
     name = "slim"
     keep_inputs = 2048  # calibration tokens kept per linear for the KL score
@@ -124,10 +126,10 @@ class SliM:
     _bits_done: int = 0
 
     @classmethod
-    def from_options(cls, bits, group_size=0, sqc="code", **_):
+    def from_options(cls, bits, group_size=0, sqc="code", salient_z=2.0, **_):
         if sqc not in ("code", "paper", "off"):
             raise AnybitError(f"sqc must be 'code', 'paper' or 'off', got {sqc!r}")
-        return cls(check_budget(cls.name, bits, 1.5), group_size or 128, sqc)
+        return cls(check_budget(cls.name, bits, 1.5), group_size or 128, sqc, float(salient_z))
 
     def quantize(self, weight, stats, name=None) -> QuantizedWeight:
         rows, cols = weight.shape
@@ -154,7 +156,7 @@ class SliM:
                 spare -= float(sizes[gi])
         x = stats.inputs.to(w.device) if stats.inputs is not None else None
         bits = salience_bits(sums, base, x, w, g) if x is not None else base
-        grid = AffineColumnQuantizer(rows, cols, bits, g, SalienceWeightedGrid(sal, g, self.sqc), device=w.device)
+        grid = AffineColumnQuantizer(rows, cols, bits, g, SalienceWeightedGrid(sal, g, self.sqc, self.salient_z), device=w.device)
         gptq_quantize(w, h, grid, percdamp=self.percdamp)
         q = QuantizedWeight(rows, cols, grid.codes, bits.to(torch.int32), scales=grid.scales.half(),
                             zeros=grid.zeros.half(), group_size=g)
