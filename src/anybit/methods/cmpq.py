@@ -20,7 +20,7 @@ import torch
 from anybit.methods.base import check_budget
 from anybit.quant import outliers as sparse
 from anybit.quant.allocate import ranked_allocate
-from anybit.quant.kmeans import codebooks_at_widths
+from anybit.quant.kmeans import codebooks_at_widths, decode
 from anybit.quant.qweight import FP16_BITS, WIDTH_BITS, QuantizedWeight
 
 
@@ -66,7 +66,7 @@ class CMPQ:
         keep_mask = sparse.mask(w.shape, act_pos, w.device)
         lut, codes = column_codebooks(w, (~keep_mask).float(), bits)
         # Quantization-aware outliers: the worst remaining errors, weighted by activation norm.
-        err = (w - torch.gather(lut.float(), 1, codes.t().long()).t()).abs() * act_norm[None, :]
+        err = (w - decode(lut, codes.t()).t()).abs() * act_norm[None, :]
         q_pos = sparse.top_fraction(err, (n_out - act_pos.numel()) / w.numel(), exclude=act_pos)
         positions = torch.cat([act_pos, q_pos]).sort().values
         keep_mask = sparse.mask(w.shape, positions, w.device)

@@ -24,7 +24,7 @@ import torch
 from anybit.methods.base import check_budget, check_scope, choose
 from anybit.quant.allocate import lagrangian_bound
 from anybit.quant.gptq import CodebookColumnQuantizer, gptq_quantize
-from anybit.quant.kmeans import codebooks_at_widths
+from anybit.quant.kmeans import codebooks_at_widths, decode
 from anybit.quant.lfull import row_output_error
 from anybit.quant.qweight import FP16_BITS, WIDTH_BITS, QuantizedWeight
 from anybit.quant.rowlut import row_codebook_table
@@ -39,10 +39,6 @@ def candidate_widths(budget: float, cols: int) -> tuple[int, int, int]:
     base = min(max(fits, default=1), 7)
     low = max(1, base - 1)
     return (low, low + 1, low + 2)
-
-
-def lut_reconstruction(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    return torch.gather(lut.float(), 1, codes.long())
 
 
 @dataclass
@@ -85,7 +81,7 @@ class SKIM:
         self._plans[name] = (table.err, table.cost, table.widths, self._fixed_bits(*weight.shape), weight.numel())
 
     def finish_plan(self):
-        plans = [self._plans[n] for n in self._plans]
+        plans = list(self._plans.values())
         err = torch.cat([p[0] for p in plans])
         cost = torch.cat([p[1] for p in plans])
         budget = self.budget * sum(p[4] for p in plans) - sum(p[3] for p in plans)
@@ -118,18 +114,22 @@ class SKIM:
         else:
             table = self._table(weight, stats)
             lut, codes, bits = self._allocate(table, rows, cols, self.scaling, meta)
-        q = QuantizedWeight(rows, cols, codes, bits.to(torch.int32).cpu(), lut=lut, meta=meta)
-        q.meta["lfull"] = float(row_output_error(w, lut_reconstruction(lut, codes), h).sum())
+        q = self._row_codebook_weight(w, h, lut, codes, bits, meta)
         if self.scaling:
             q = self._apply_scaling(q, w, s, h)
             if q.input_scale is None and self.scope == "layer":
                 # Scaling did not pay here: spend the bits reserved for it on the rows instead.
-                lut, codes, bits = self._allocate(table, rows, cols, False, meta)
-                q = QuantizedWeight(rows, cols, codes, bits.to(torch.int32).cpu(), lut=lut, meta=meta)
-                q.meta["lfull"] = float(row_output_error(w, lut_reconstruction(lut, codes), h).sum())
+                q = self._row_codebook_weight(w, h, *self._allocate(table, rows, cols, False, meta), meta)
                 q.meta["scaling"] = "rejected"
         if self.feedback:
             q = self._apply_feedback(q, w, h)
+        return q
+
+    @staticmethod
+    def _row_codebook_weight(w, h, lut, codes, bits, meta: dict) -> QuantizedWeight:
+        """The weight of per-row codebooks, with its L-full noted for the later steps' checks."""
+        q = QuantizedWeight(w.shape[0], w.shape[1], codes, bits.to(torch.int32).cpu(), lut=lut, meta=meta)
+        q.meta["lfull"] = float(row_output_error(w, decode(lut, codes), h).sum())
         return q
 
     def _apply_feedback(self, q: QuantizedWeight, w, h) -> QuantizedWeight:
@@ -139,7 +139,7 @@ class SKIM:
         pad = torch.arange(lut.shape[1], device=w.device)[None, :] >= (2 ** q.bits.to(w.device).long())[:, None]
         grid = CodebookColumnQuantizer(lut.masked_fill(pad, torch.inf), w.shape[1])
         gptq_quantize(w * a, h / (a[:, None] * a[None, :]), grid)
-        lfull = float(row_output_error(w, lut_reconstruction(q.lut, grid.codes) / a, h).sum())
+        lfull = float(row_output_error(w, decode(q.lut, grid.codes) / a, h).sum())
         if lfull >= q.meta["lfull"]:
             q.meta["feedback"] = "rejected"
             return q
@@ -151,7 +151,7 @@ class SKIM:
         a16 = a.half().float()
         # One alternation: re-cluster W diag(a) with sensitivities s / a^2 at the same widths.
         lut, codes = codebooks_at_widths(w * a16, s / a16**2, q.bits.to(w.device))
-        lfull = float(row_output_error(w, lut_reconstruction(lut, codes) / a16, h).sum())
+        lfull = float(row_output_error(w, decode(lut, codes) / a16, h).sum())
         if lfull >= q.meta["lfull"]:
             q.meta["scaling"] = "rejected"
             return q

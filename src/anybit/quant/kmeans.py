@@ -20,6 +20,11 @@ def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mid.contiguous(), x.contiguous())
 
 
+def decode(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Per-row codebook lookup: value (R, n) of each code under its row's codebook, fp32."""
+    return torch.gather(lut.float(), 1, codes.long())
+
+
 def weighted_sse(x: torch.Tensor, s: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """Per-row objective sum_j s_j (x_j - c[assign_j])^2."""
     return (s * (x - torch.gather(centroids, 1, assign)) ** 2).sum(1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anybit.quant.kmeans import kmeans_codebooks
+from anybit.quant.kmeans import decode, kmeans_codebooks
 from anybit.quant.lfull import row_output_error
 from anybit.quant.qweight import FP16_BITS
 
@@ -53,6 +53,6 @@ def row_codebook_table(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, widths
         lut, code = kmeans_codebooks(w, s, b)
         luts.append(lut)
         codes.append(code)
-        errs.append(row_output_error(w, torch.gather(lut.float(), 1, code.long()), h))
+        errs.append(row_output_error(w, decode(lut, code), h))
     cost = row_codebook_cost(w.shape[1], widths).expand(w.shape[0], -1)
     return RowCodebookTable(tuple(widths), luts, codes, torch.stack(errs, 1).double().cpu(), cost.clone())
