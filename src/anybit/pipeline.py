@@ -10,7 +10,6 @@ finished block is saved, and a block an interrupted run finished is restored ins
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from anybit.errors import AnybitError
 from anybit.models import block_linears, decoder_blocks
 from anybit.quant.qweight import QuantizedWeight
+from anybit.timing import recording, stage
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _check_finite(stats: dict[str, LinearStats], where: str) -> None:
 
 
 @torch.no_grad()
-def walk_blocks(model: nn.Module, samples: torch.Tensor, visit, timings: dict, device="cpu", batch_size: int = 8,
+def walk_blocks(model: nn.Module, samples: torch.Tensor, visit, device="cpu", batch_size: int = 8,
                 true_sequential: bool = True, replace: bool = True, keep_inputs: int = 0,
                 needs_stats: bool = True, desc: str = "quantize", progress: bool = True,
                 store=None, on_restored=None) -> None:
@@ -213,9 +213,8 @@ def walk_blocks(model: nn.Module, samples: torch.Tensor, visit, timings: dict, d
     """
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
-    t0 = time.perf_counter()
-    hiddens, kwargs_list = capture_block_inputs(model, samples, batch_size, device)
-    timings["calibration_forward"] += time.perf_counter() - t0
+    with stage("calibration_forward"):
+        hiddens, kwargs_list = capture_block_inputs(model, samples, batch_size, device)
     for b in tqdm(range(len(blocks)), desc=desc, disable=not progress):
         block = blocks[b].to(device)
         linears = block_linears(block)
@@ -231,59 +230,59 @@ def walk_blocks(model: nn.Module, samples: torch.Tensor, visit, timings: dict, d
             groups = sequential_groups(block, hiddens[0], kwargs_list[0])
             sequential = true_sequential and replace
             for pass_groups in ([g] for g in groups) if sequential else [groups]:
-                t0 = time.perf_counter()
-                stats = collect_stats(block, pass_groups, hiddens, kwargs_list, keep_inputs) if needs_stats else {}
-                timings["statistics"] += time.perf_counter() - t0
+                with stage("statistics"):
+                    stats = collect_stats(block, pass_groups, hiddens, kwargs_list, keep_inputs) if needs_stats else {}
                 _check_finite(stats, f"{prefix}.{b}")
-                t0 = time.perf_counter()
                 for name in (n for g in pass_groups for n in g):
                     layer = f"{prefix}.{b}.{name}"
                     try:
-                        qweight = visit(layer, linears[name].weight.data, stats.get(name))
+                        with stage("quantize" if replace else "plan"):
+                            qweight = visit(layer, linears[name].weight.data, stats.get(name))
                     except AnybitError as exc:  # e.g. an unreachable budget: say where
                         raise AnybitError(f"{layer}: {exc}") from exc
                     if replace:
                         _use_quantized(linears[name], qweight)
                         done[layer] = qweight
-                timings["quantize" if replace else "plan"] += time.perf_counter() - t0
             if store is not None:
                 store.save_block(b, done)
-        t0 = time.perf_counter()
-        hiddens = run_block(block, hiddens, kwargs_list)
-        timings["calibration_forward"] += time.perf_counter() - t0
+        with stage("calibration_forward"):
+            hiddens = run_block(block, hiddens, kwargs_list)
         blocks[b] = block.to("cpu") if device != "cpu" else block
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, samples: torch.Tensor, method, device="cpu", batch_size: int = 8,
-                   true_sequential: bool = True, progress: bool = True, store=None) -> QuantizationResult:
+                   true_sequential: bool = True, progress: bool = True, store=None,
+                   place_model: bool = True) -> QuantizationResult:
     """Quantize every linear inside the decoder blocks of ``model`` in place with ``method``.
 
     ``method.quantize(weight, stats, name) -> QuantizedWeight``. A method that shares one budget
     across layers also has ``plan(weight, stats, name)`` and ``finish_plan()``: it then sees every
     layer once in a planning pass before the quantizing pass. ``store`` (``resume.RunProgress``)
-    saves the plan and each finished block, and restores those of an interrupted run.
+    saves the plan and each finished block, and restores those of an interrupted run. The model
+    ends on ``device`` (for evaluation) with ``place_model``, else its blocks stay on the CPU.
+    ``result.timings`` has the wall time of each stage (``anybit.timing``).
     """
     result = QuantizationResult()
-    common = dict(device=device, batch_size=batch_size, keep_inputs=getattr(method, "keep_inputs", 0),
-                  needs_stats=getattr(method, "needs_stats", True), progress=progress)
-    name = getattr(method, "name", "method")
-    if getattr(method, "needs_plan", False) and not (store is not None and store.restore_plan(method)):
-        walk_blocks(model, samples, lambda n, w, s: method.plan(w, s, n), result.timings, replace=False,
-                    desc=f"plan ({name})", **common)
-        t0 = time.perf_counter()
-        method.finish_plan()
-        result.timings["allocate"] += time.perf_counter() - t0
-        if store is not None:
-            store.save_plan(method)
+    with recording(result.timings):
+        common = dict(device=device, batch_size=batch_size, keep_inputs=getattr(method, "keep_inputs", 0),
+                      needs_stats=getattr(method, "needs_stats", True), progress=progress)
+        name = getattr(method, "name", "method")
+        if getattr(method, "needs_plan", False) and not (store is not None and store.restore_plan(method)):
+            walk_blocks(model, samples, lambda n, w, s: method.plan(w, s, n), replace=False,
+                        desc=f"plan ({name})", **common)
+            with stage("allocate"):
+                method.finish_plan()
+            if store is not None:
+                store.save_plan(method)
 
-    def visit(layer: str, weight, stats):
-        qweight = method.quantize(weight, stats, layer).to(weight.device)
-        result.layers[layer] = qweight.to("cpu")  # results wait on the host; the device holds one block
-        return qweight
+        def visit(layer: str, weight, stats):
+            qweight = method.quantize(weight, stats, layer).to(weight.device)
+            result.layers[layer] = qweight.to("cpu")  # results wait on the host; the device holds one block
+            return qweight
 
-    walk_blocks(model, samples, visit, result.timings, true_sequential=true_sequential,
-                desc=f"quantize ({name})", store=store, on_restored=result.layers.update, **common)
-    if device != "cpu":
+        walk_blocks(model, samples, visit, true_sequential=true_sequential,
+                    desc=f"quantize ({name})", store=store, on_restored=result.layers.update, **common)
+    if device != "cpu" and place_model:
         model.to(device)
     return result

@@ -192,16 +192,18 @@ def affine_column_widths(widths: torch.Tensor, group_columns: int, in_features: 
 
 
 def pack_weight(q: QuantizedWeight) -> tuple[LinearSpec, dict[str, torch.Tensor]]:
-    """Pack ``q``: its layout and its tensors by name (names as in ``LinearSpec.tensor_specs``)."""
+    """Pack ``q``: its layout and its tensors by name (names as in ``LinearSpec.tensor_specs``).
+    Codes are packed where they are (a GPU packs a 7B model in seconds); the tensors returned are
+    on the CPU."""
     widths = q.bits.to(torch.uint8).cpu()
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[int, tuple[int, int]] = {}
-    codes = q.codes.cpu()
+    codes = q.codes
     if q.kind == "lut":
         unit_codes = codes if q.lut_axis == 0 else codes.t()
         for bits in widths.unique().tolist():
             units = (widths == bits).nonzero().squeeze(1)
-            tensors[codes_name(bits)] = pack_bitplanes(unit_codes[units], bits)
+            tensors[codes_name(bits)] = pack_bitplanes(unit_codes[units.to(codes.device)], bits).cpu()
             tensors[lut_name(bits)] = q.lut.cpu()[units, : 2**bits].to(torch.float16)
             blocks[bits] = (units.numel(), unit_codes.shape[1])
     else:
@@ -210,7 +212,7 @@ def pack_weight(q: QuantizedWeight) -> tuple[LinearSpec, dict[str, torch.Tensor]
         for bits in widths.unique().tolist():
             columns = (column_widths == bits).nonzero().squeeze(1)
             groups = (widths == bits).nonzero().squeeze(1)
-            tensors[codes_name(bits)] = pack_bitplanes(codes[:, columns], bits)
+            tensors[codes_name(bits)] = pack_bitplanes(codes[:, columns.to(codes.device)], bits).cpu()
             tensors[scales_name(bits)] = q.scales.cpu()[:, groups].to(torch.float16)
             tensors[zeros_name(bits)] = q.zeros.cpu()[:, groups].to(torch.float16)
             blocks[bits] = (q.out_features, columns.numel())

@@ -34,11 +34,13 @@ def check_budget(method: str, budget: float, low: float = 1.0, high: float = MAX
 def choose(allocator: str):
     """The allocator function for a name (``greedy``: SKIM's heap; ``lagrangian``: the exact reference)."""
     from anybit.quant.allocate import greedy_allocate, lagrangian_allocate
+    from anybit.timing import timed
 
     table = {"greedy": greedy_allocate, "lagrangian": lagrangian_allocate}
     if allocator not in table:
         raise AnybitError(f"unknown allocator {allocator!r}: choose from {', '.join(table)}")
 
+    @timed("allocation")
     def allocate(err, cost, budget):
         if float(cost.min(1).values.sum()) > budget:
             raise AnybitError(

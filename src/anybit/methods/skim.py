@@ -29,6 +29,7 @@ from anybit.quant.lfull import row_output_error
 from anybit.quant.qweight import FP16_BITS, WIDTH_BITS, QuantizedWeight
 from anybit.quant.rowlut import row_codebook_table
 from anybit.quant.scaling import train_scaling_vector
+from anybit.timing import stage
 
 
 def candidate_widths(budget: float, cols: int) -> tuple[int, int, int]:
@@ -98,7 +99,8 @@ class SKIM:
         budget = self.budget * rows * cols - self._fixed_bits(rows, cols, scaling)
         choice = choose(self.allocator)(table.err, table.cost, budget)
         # How far the allocation is from optimal: its table error over the Lagrangian lower bound.
-        bound = lagrangian_bound(table.err, table.cost, budget)
+        with stage("allocation"):
+            bound = lagrangian_bound(table.err, table.cost, budget)
         meta["alloc_gap"] = float(table.err.gather(1, choice[:, None].cpu()).sum()) / max(bound, 1e-30) - 1
         return table.assemble(choice)
 

@@ -1,10 +1,10 @@
 """``AnybitLinear``: a linear layer that keeps its weight packed (docs/format.md) and computes with it.
 
 The packed tensors are buffers named as in the checkpoint, so ``state_dict`` is the on-disk
-layout. Forward, where a GPU kernel exists for the grid (per-row codebooks on CUDA): scale and
-permute the input once, multiply it by each width block (``block_matmul``, the step the kernel
-replaces), put the blocks' outputs together, then add the sparse outliers' correction and the
-bias; the weight is never decoded as a whole. Everywhere else the pure-torch path decodes the
+layout. Forward, where a GPU kernel exists for the grid (per-row codebooks on CUDA): permute the input
+once, then one kernel launch per width block writes its rows straight into the output (input
+scale applied inside), one more adds the sparse outliers' correction; the weight is never
+decoded as a whole. Everywhere else the pure-torch path decodes the
 weight (unpack + codebook lookup) for the one matmul and drops it: the same dense product the
 in-memory quantized model computes, so a saved-and-loaded model gives identical logits.
 """
@@ -90,40 +90,46 @@ class AnybitLinear(nn.Module):
             return None
         return (self.member_widths() == bits).nonzero().squeeze(1)
 
-    def block_matmul(self, x: torch.Tensor, bits: int) -> torch.Tensor:
-        """The output rows of width block ``bits`` for ``x`` (already scaled and permuted), by the
-        GPU kernel."""
-        return _kernels().lut_linear(x, getattr(self, codes_name(bits)), getattr(self, lut_name(bits)), bits,
-                                     self.in_features)
-
     def uses_kernel(self, x: torch.Tensor) -> bool:
         kernels = _kernels() if x.is_cuda else None
         return (kernels is not None and self.spec.grid == "lut" and self.spec.lut_axis == 0
                 and kernels.use_triton(x))
 
+    def kernel_operands(self) -> dict:
+        """What the GPU kernels read, worked out once per set of buffers (cached: the forward of a
+        decoding step must not synchronise, so that it can be captured in a CUDA graph). The
+        kernel takes x in stored column order, unscaled: the input scale is applied inside it,
+        and the outlier columns are renumbered to the stored order."""
+        key = tuple((t.data_ptr(), t.device) for t in self._buffers.values() if t is not None)
+        cached = getattr(self, "_kernel_operands", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        spec = self.spec
+        perm = self.perm.long() if spec.perm else None
+        blocks = [(getattr(self, codes_name(bits)), getattr(self, lut_name(bits)), bits, self.block_members(bits))
+                  for bits in spec.blocks]
+        scale = self.input_scale if spec.input_scale else None
+        outliers = None
+        if spec.outliers:
+            rows, cols = outlier_rows_cols(self.outlier_indptr, self.outlier_indices)
+            # Outliers replace weights: add x times (outlier - quantized weight) at their positions.
+            delta = self.outlier_values.float() - self.weight_at(rows, cols)
+            stored = torch.argsort(perm)[cols] if perm is not None else cols
+            outliers = (self.outlier_indptr.int(), stored.int(), delta)
+        operands = dict(perm=perm, blocks=blocks, outliers=outliers,
+                        input_scale=None if scale is None else (scale[perm] if perm is not None else scale))
+        self._kernel_operands = (key, operands)
+        return operands
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel(x):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self.dequantize(torch.float32).to(x.dtype), bias)
-        spec = self.spec
-        xs = x / self.input_scale.to(x.dtype) if spec.input_scale else x
-        if spec.perm:
-            xs = xs[..., self.perm.long()]
-        outputs = [self.block_matmul(xs, bits) for bits in spec.blocks]
-        y = torch.cat(outputs, -1)
-        if len(outputs) > 1:  # blocks hold rows in width order; put them back
-            order = torch.cat([self.block_members(bits) for bits in spec.blocks])
-            y = y[..., torch.argsort(order)]
-        if spec.outliers:
-            y = y + self.outlier_correction(x)
+        ops = self.kernel_operands()
+        xs = x[..., ops["perm"]] if ops["perm"] is not None else x
+        y = _kernels().lut_linear_blocks(xs, ops["blocks"], self.out_features, input_scale=ops["input_scale"],
+                                         outliers=ops["outliers"])
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def outlier_correction(self, x: torch.Tensor) -> torch.Tensor:
-        """x times (outlier value - quantized weight) at the outliers' positions: outliers replace weights."""
-        rows, cols = outlier_rows_cols(self.outlier_indptr, self.outlier_indices)
-        delta = (self.outlier_values.float() - self.weight_at(rows, cols)).to(x.dtype)
-        y = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
-        return y.index_add(-1, rows, x[..., cols] * delta)
 
     def weight_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The de-quantized weight (outliers not applied) at original positions (rows[i], cols[i]), fp32."""

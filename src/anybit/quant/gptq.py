@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from anybit.timing import timed
+
 
 class ColumnQuantizer(Protocol):
     group_size: int  # 0: one group spanning all columns
@@ -38,6 +40,7 @@ def act_order_permutation(h: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.diag(h), descending=True)
 
 
+@timed("gptq")
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -94,13 +97,13 @@ class CodebookColumnQuantizer:
 
     def __init__(self, lut: torch.Tensor, cols: int):
         self.lut = lut.float()
+        self.mid = ((self.lut[:, 1:] + self.lut[:, :-1]) * 0.5).contiguous()  # decision boundaries, once
         self.codes = torch.zeros(lut.shape[0], cols, dtype=torch.uint8, device=lut.device)
 
     def start_group(self, cols: torch.Tensor, first: int) -> None:
         pass
 
     def quantize_column(self, w: torch.Tensor, col: int) -> torch.Tensor:
-        mid = (self.lut[:, 1:] + self.lut[:, :-1]) * 0.5
-        code = torch.searchsorted(mid.contiguous(), w[:, None].contiguous())
+        code = torch.searchsorted(self.mid, w[:, None].contiguous())
         self.codes[:, col] = code[:, 0].to(torch.uint8)
         return torch.gather(self.lut, 1, code)[:, 0]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from anybit.timing import timed
+
 
 def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid for each entry of ``x`` (R, n); ``centroids`` (R, k) sorted."""
@@ -163,6 +165,7 @@ def exact_kmeans_1d(x: torch.Tensor, s: torch.Tensor, k: int) -> float:
     return float(best[n])
 
 
+@timed("kmeans")
 def kmeans_codebooks(x: torch.Tensor, s: torch.Tensor | None, bits: int, iters: int = 50):
     """Per-row fp16 codebooks of 2**bits entries and the codes that index them.
 

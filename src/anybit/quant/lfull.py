@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from anybit.timing import timed
 
+
+@timed("lfull")
 def row_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per-row ||X dw_r||^2 / tokens = dw_r H dw_r^T, batched over rows (R,)."""
     d = (w - w_hat).float()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from anybit.quant.lfull import row_output_error
+from anybit.timing import timed
 
 
 def centroids_given_codes(v: torch.Tensor, s: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
@@ -30,6 +31,7 @@ def scaled_reconstruction(w, s, codes, k, log_a):
     return torch.gather(cent, 1, codes.long()) / a
 
 
+@timed("scaling")
 def train_scaling_vector(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, k: int,
                          steps: int = 60, lr: float = 0.02) -> tuple[torch.Tensor, float, float]:
     """Return (a, L-full before, L-full after) with assignments ``codes`` fixed."""

@@ -1,0 +1,264 @@
+"""Decoding speed: tokens/s at batch 1 for a LLaMA-2-7B-shaped model, fp16 vs anybit.
+
+    python benchmarks/decode.py --device cuda                 # fp16, anybit 4 / 3.25 / 2.25 bits
+    python benchmarks/decode.py --smoke                       # tiny model on the CPU
+
+One harness for every variant: ``StaticDecoder`` runs a Llama model's own modules one token at
+a time against a static KV cache (``--max-len`` positions, attention masked past the current
+one), so a whole step -- embedding, 32 blocks, head, greedy pick of the next token -- has fixed
+shapes and no host synchronisation and is captured once in a CUDA graph; decoding replays it.
+Only the decoder blocks' linears change between variants: ``nn.Linear`` in fp16, or
+``AnybitLinear`` holding packed random codes and fp16 per-row codebooks (anybit's checkpoint
+layout; the numbers in them do not change the speed). Mixed budgets are rows of two widths:
+3.25 = 75% 3-bit + 25% 4-bit rows, 2.25 = 75% 2-bit + 25% 3-bit; the honest bits per weight
+reported count codes, codebooks and the per-row width table. Each anybit variant's first
+graph-decoded step is checked against the pure-torch reference path of the same weights.
+Writes ``decode.json`` and ``decode.md`` to --out (default $OUT or the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+sys.path.insert(0, HERE)
+
+from random_llama import random_llama  # noqa: E402
+
+from anybit.formats.bitpack import packed_words  # noqa: E402
+from anybit.formats.packed import LinearSpec, codes_name, lut_name  # noqa: E402
+from anybit.models import decoder_blocks  # noqa: E402
+from anybit.nn import AnybitLinear  # noqa: E402
+
+MIXES = {"4": {4: 1.0}, "3.25": {3: 0.75, 4: 0.25}, "2.25": {2: 0.75, 3: 0.25}, "3": {3: 1.0}, "2": {2: 1.0}}
+
+
+class StaticDecoder:
+    """Greedy one-token decoding steps of a Hugging Face Llama model with a static KV cache."""
+
+    def __init__(self, model, max_len: int, batch: int = 1):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.rope = apply_rotary_pos_emb
+        self.model = model
+        cfg = model.config
+        p = next(model.parameters())
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (len(decoder_blocks(model)), batch, self.kv_heads, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.arange(max_len, device=p.device)
+        self.pos = torch.zeros((), dtype=torch.long, device=p.device)  # the next position to write
+        self.token = torch.zeros(batch, dtype=torch.long, device=p.device)  # the next input token
+        self.logits = None
+
+    def reset(self, token: int = 1) -> None:
+        self.pos.zero_()
+        self.token.fill_(token)
+
+    def _attention(self, i: int, attn, x):
+        b = x.shape[0]
+        q = attn.q_proj(x).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.model.model.rotary_emb(x, self.pos.view(1, 1))
+        q, k = self.rope(q, k, cos, sin)
+        self.k[i].index_copy_(2, self.pos.view(1), k)
+        self.v[i].index_copy_(2, self.pos.view(1), v)
+        keys, values = self.k[i], self.v[i]
+        if self.kv_heads != self.heads:
+            keys = keys.repeat_interleave(self.heads // self.kv_heads, 1)
+            values = values.repeat_interleave(self.heads // self.kv_heads, 1)
+        visible = (self.positions <= self.pos).view(1, 1, 1, -1)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        return attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Feed ``self.token`` at ``self.pos``; leave the greedy next token in ``self.token``."""
+        m = self.model.model
+        h = m.embed_tokens(self.token)[:, None, :]
+        for i, layer in enumerate(m.layers):
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.model.lm_head(m.norm(h))[:, 0]
+        self.token.copy_(logits.argmax(-1))
+        self.pos.add_(1)
+        return logits
+
+
+def capture(decoder: StaticDecoder):
+    """Warm up (compiles the kernels), then capture one step in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            decoder.reset()
+            decoder.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    decoder.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoder.logits = decoder.step()
+    return graph
+
+
+def tokens_per_s(run_step, decoder: StaticDecoder, steps: int, repeats: int, cuda: bool) -> float:
+    best = 0.0
+    for _ in range(repeats):
+        decoder.reset()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        if cuda:
+            torch.cuda.synchronize()
+        best = max(best, steps * decoder.token.numel() / (time.perf_counter() - t0))
+    return best
+
+
+def random_anybit_linear(out_f: int, in_f: int, mix: dict[int, float], device, gen: torch.Generator) -> AnybitLinear:
+    """An AnybitLinear (out_f x in_f): rows of the widths in ``mix``, random codes and sorted
+    random fp16 codebooks."""
+    widths = torch.full((out_f,), min(mix), dtype=torch.uint8)
+    rest = torch.randperm(out_f, generator=gen)
+    start = 0
+    for bits, share in sorted(mix.items())[1:]:
+        n = round(share * out_f)
+        widths[rest[start:start + n]] = bits
+        start += n
+    blocks = {b: (int((widths == b).sum()), in_f) for b in mix if int((widths == b).sum())}
+    module = AnybitLinear(LinearSpec("lut", out_f, in_f, blocks), device=device)
+    for bits, (rows, _) in blocks.items():
+        words = packed_words(in_f, bits)
+        setattr(module, codes_name(bits), torch.randint(-2**31, 2**31, (rows, words), dtype=torch.int32, device=device))
+        lut = torch.randn(rows, 2**bits, device=device).sort(1).values * 0.02
+        setattr(module, lut_name(bits), lut.half())
+    if len(blocks) > 1:
+        module.widths = widths.to(device)
+    return module
+
+
+def to_anybit(model, mix: dict[int, float], seed: int = 0) -> None:
+    """Replace every decoder-block linear (nn.Linear or an earlier AnybitLinear) by a random packed
+    AnybitLinear, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    for block in decoder_blocks(model):
+        for name, m in list(block.named_modules()):
+            if isinstance(m, (nn.Linear, AnybitLinear)):
+                parent, _, child = name.rpartition(".")
+                device = next(m.buffers(), None) if isinstance(m, AnybitLinear) else m.weight
+                new = random_anybit_linear(m.out_features, m.in_features, mix, device.device, gen)
+                setattr(block.get_submodule(parent) if parent else block, child, new)
+
+
+def honest_bits(model) -> float:
+    bits = params = 0
+    for block in decoder_blocks(model):
+        for m in block.modules():
+            if isinstance(m, AnybitLinear):
+                bits += sum(t.numel() * t.element_size() * 8 for t in m.packed().values())
+                params += m.in_features * m.out_features
+    return bits / params
+
+
+def linear_bytes(model) -> int:
+    n = 0
+    for block in decoder_blocks(model):
+        for m in block.modules():
+            if isinstance(m, AnybitLinear):
+                n += sum(t.numel() * t.element_size() for t in m.packed().values())
+            elif isinstance(m, nn.Linear):
+                n += m.weight.numel() * m.weight.element_size()
+    return n
+
+
+def measure(model, args, cuda: bool) -> dict:
+    decoder = StaticDecoder(model, args.max_len)
+    row = {}
+    if cuda:
+        graph = capture(decoder)
+        row["tokens_per_s_graph"] = round(tokens_per_s(graph.replay, decoder, args.steps, args.repeats, cuda), 1)
+    row["tokens_per_s_eager"] = round(tokens_per_s(decoder.step, decoder, args.eager_steps, 1, cuda), 1)
+    return row
+
+
+def check_against_reference(model, args) -> float:
+    """Relative error of the kernel path's first-step logits against the pure-torch path's."""
+    decoder = StaticDecoder(model, args.max_len)
+    decoder.reset()
+    fast = decoder.step().float()
+    os.environ["ANYBIT_KERNELS"] = "reference"
+    try:
+        decoder.reset()
+        slow = decoder.step().float()
+    finally:
+        del os.environ["ANYBIT_KERNELS"]
+    return float((fast - slow).norm() / slow.norm())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama2-7b")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--budgets", nargs="+", default=["4", "3.25", "2.25"], choices=list(MIXES))
+    p.add_argument("--max-len", type=int, default=256, help="static KV cache length")
+    p.add_argument("--steps", type=int, default=200, help="tokens per timed run (CUDA graph)")
+    p.add_argument("--eager-steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shape, args.device, args.steps, args.eager_steps, args.max_len = "tiny", "cpu", 4, 4, 16
+    cuda = args.device.startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
+    model = random_llama(args.shape, args.layers, dtype=dtype, device=args.device)
+    meta = {"date": datetime.date.today().isoformat(), "shape": args.shape,
+            "layers": model.config.num_hidden_layers, "max_len": args.max_len, "steps": args.steps,
+            "device_name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    rows = [{"variant": "fp16" if cuda else "fp32", "bits": 16.0 if cuda else 32.0,
+             "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **measure(model, args, cuda)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for budget in args.budgets:
+        to_anybit(model, MIXES[budget])
+        row = {"variant": f"anybit {budget}", "bits": round(honest_bits(model), 4),
+               "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **measure(model, args, cuda)}
+        row["logits_rel_err_vs_reference"] = check_against_reference(model, args) if cuda else 0.0
+        base = rows[0].get("tokens_per_s_graph", rows[0]["tokens_per_s_eager"])
+        row["speedup_vs_fp16"] = round(row.get("tokens_per_s_graph", row["tokens_per_s_eager"]) / base, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = [f"Decode, batch 1, {meta['shape']} ({meta['layers']} blocks), static cache {args.max_len}, "
+             f"{meta['device_name']}, {meta['date']}", "",
+             "| variant | honest bits | block linears | tokens/s (CUDA graph) | tokens/s (eager) | x fp16 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['bits']} | {r['block_linear_gib']} GiB | {r.get('tokens_per_s_graph', '-')} | "
+                     f"{r['tokens_per_s_eager']} | {r.get('speedup_vs_fp16', 1.0)} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "decode.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

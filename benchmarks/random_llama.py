@@ -1,0 +1,59 @@
+"""Llama models in real shapes with random weights, for speed work (no download, no checkpoint).
+
+``random_llama("llama2-7b")`` builds ``LlamaForCausalLM`` from a config with its parameters
+materialised straight on ``device`` in ``dtype``: N(0, 0.02) linears and embeddings, unit
+norms. Weights are drawn on ``fill_device`` (a GPU draws 6.7 B numbers in about a second; the
+CPU's default init of a 7B model takes minutes) and copied over.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),
+}
+
+
+def llama_config(shape: str, layers: int | None = None):
+    from transformers import LlamaConfig
+
+    kwargs = dict(SHAPES[shape])
+    if layers:
+        kwargs["num_hidden_layers"] = layers
+    return LlamaConfig(**kwargs, tie_word_embeddings=False)
+
+
+@torch.no_grad()
+def random_llama(shape: str = "llama2-7b", layers: int | None = None, dtype=torch.float16, device="cpu",
+                 fill_device=None, seed: int = 0):
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(shape, layers)
+    with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) real
+        model = LlamaForCausalLM(config)
+    fill_device = torch.device(fill_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gen = torch.Generator(fill_device).manual_seed(seed)
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if name == "weight" and p.dim() == 1:  # RMSNorm
+                value = torch.ones(p.shape, dtype=dtype, device=device)
+            else:
+                value = torch.empty(p.shape, dtype=dtype, device=device)
+                for r0 in range(0, p.shape[0], 4096):  # bounded scratch on the fill device
+                    rows = min(4096, p.shape[0] - r0)
+                    part = torch.randn((rows, *p.shape[1:]), generator=gen, device=fill_device) * 0.02
+                    value[r0:r0 + rows].copy_(part.to(dtype))
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    model.to(device)  # buffers
+    model.config.torch_dtype = dtype
+    return model.eval()

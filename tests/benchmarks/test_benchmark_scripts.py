@@ -1,0 +1,63 @@
+"""The benchmark scripts: the decoding harness is a faithful Llama step, and each script runs end
+to end on a tiny model on the CPU (the GPU runs are in BENCHMARKS.md)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import decode  # noqa: E402
+import quantize_speed  # noqa: E402
+from random_llama import random_llama  # noqa: E402
+
+
+def test_random_llama_has_real_shapes_and_unit_norms():
+    model = random_llama("tiny", dtype=torch.float32, device="cpu")
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.shape == (64, 64) and abs(float(q.std()) - 0.02) < 0.004
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.ones(64))
+    assert model.model.rotary_emb.inv_freq.isfinite().all()
+
+
+def test_static_decoder_matches_the_model_forward():
+    model = random_llama("tiny", dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits[0]
+    dec = decode.StaticDecoder(model, max_len=16)
+    dec.reset()
+    got = []
+    for t in ids[0]:
+        dec.token.fill_(int(t))
+        got.append(dec.step()[0])
+    assert torch.allclose(torch.stack(got), want, atol=1e-5, rtol=1e-4)
+    assert int(dec.pos) == 12 and int(dec.token[0]) == int(want[-1].argmax())
+
+
+def test_random_anybit_linear_mixes_widths_and_counts_bits():
+    gen = torch.Generator().manual_seed(0)
+    m = decode.random_anybit_linear(400, 256, decode.MIXES["3.25"], "cpu", gen)
+    assert m.spec.blocks == {3: (300, 256), 4: (100, 256)}
+    bits = sum(t.numel() * t.element_size() * 8 for t in m.packed().values()) / (400 * 256)
+    assert abs(bits - (3.25 + (0.75 * 8 * 16 + 0.25 * 16 * 16 + 8) / 256)) < 1e-9
+    assert m(torch.randn(2, 256)).shape == (2, 400)
+
+
+def test_decode_script_smoke(tmp_path):
+    assert decode.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "anybit 4", "anybit 3.25", "anybit 2.25"]
+    assert rows[1]["bits"] > rows[2]["bits"] > rows[3]["bits"]
+
+
+def test_quantize_speed_script_smoke(tmp_path):
+    assert quantize_speed.main(["--smoke", "--methods", "skim:3.25", "gptq:3:32", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quantize_speed.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["skim:3.25", "gptq:3:32"]
+    skim = rows[0]["stages_s"]
+    assert skim["quantize/kmeans"] > 0 and skim["quantize/allocation"] > 0 and skim["calibration_forward"] > 0
+    assert abs(rows[0]["honest_bits"] - 3.25) < 0.02 and rows[0]["packed_bytes"] > 0
