@@ -106,9 +106,7 @@ def block_bytes(blocks, in_f, out_f, batch, elem):
 
 
 def run_blocks(x, blocks, y, mode=None, config=None, use_asm=None):
-    for codes, lut, bits, ridx in blocks:
-        tk.launch_block(x, codes, lut, bits, x.shape[1], y, ridx, mode=mode, config=config, use_asm=use_asm)
-    return y
+    return tk.launch_blocks(x, blocks, x.shape[1], y, mode=mode, config=config, use_asm=use_asm)
 
 
 def ref_blocks(x, blocks, out_f, input_scale=None, outliers=None):

@@ -119,10 +119,32 @@ CASES = [  # rows, cols, bits, batch, mode, lut dtype, extra
     (16, 33, 8, 1, "fma", torch.float16, "bf16"),
     (24, 160, 3, 5, "dot", torch.float16, "bf16+scale"),
     (40, 1100, 3, 3, "dot", torch.float16, "ridx"),  # long enough rows for split-K (4 programs a tile)
+    # mixed widths, rows of each width as one block (AnybitLinear's layout): at batch 1 up to
+    # three blocks share one launch, codebooks of another dtype get their own
+    (45, 200, (3, 4), 1, "fma", torch.float16, "scale"),
+    (50, 130, (2, 3, 4), 1, "fma", torch.float16, ""),
+    (61, 96, (1, 2, 3, 5), 1, "fma", torch.float16, "bf16"),
+    (40, 100, (3, 4), 1, "fma", "mixed", ""),
+    (45, 200, (2, 3, 4), 3, "dot", torch.float16, "scale"),
 ]
 
 
+def mixed_blocks(rows, cols, widths, gen, lut_dtype):
+    """Rows of random widths as blocks (codes, packed, lut, bits, row_index); ``lut_dtype``
+    "mixed": the first block's codebook fp32, the others fp16."""
+    member = torch.tensor(widths)[torch.randint(0, len(widths), (rows,), generator=gen)]
+    member[: len(widths)] = torch.tensor(widths)  # every width present
+    blocks = []
+    for i, b in enumerate(widths):
+        idx = (member == b).nonzero().squeeze(1)
+        dtype = (torch.float32 if i == 0 else torch.float16) if lut_dtype == "mixed" else lut_dtype
+        blocks.append((*block(idx.numel(), cols, b, gen, dtype), b, idx))
+    return blocks
+
+
 def run_case(tk, device, rows, cols, bits, batch, mode, lut_dtype, extra, use_asm=None):
+    if isinstance(bits, tuple):
+        return run_mixed_case(tk, device, rows, cols, bits, batch, mode, lut_dtype, extra, use_asm)
     gen = torch.Generator().manual_seed(rows * 131 + bits)
     _, packed, lut = block(rows, cols, bits, gen, lut_dtype)
     xdt = torch.bfloat16 if "bf16" in extra else torch.float16
@@ -147,8 +169,26 @@ def run_case(tk, device, rows, cols, bits, batch, mode, lut_dtype, extra, use_as
     assert rel_err(got[written], ref[written]) < tol
 
 
+def run_mixed_case(tk, device, rows, cols, widths, batch, mode, lut_dtype, extra, use_asm=None):
+    gen = torch.Generator().manual_seed(rows * 131 + len(widths))
+    blocks = mixed_blocks(rows, cols, widths, gen, lut_dtype)
+    xdt = torch.bfloat16 if "bf16" in extra else torch.float16
+    scale = (torch.rand(cols, generator=gen) + 0.5).half() if "scale" in extra else None
+    x = torch.randn(batch, cols, generator=gen).to(xdt)
+    yd = torch.full((batch, rows), float("nan"), dtype=xdt).to(device)
+    tk.launch_blocks(x.to(device), [(p.to(device), lut.to(device), b, idx.to(device)) for _, p, lut, b, idx in blocks],
+                     cols, yd, None if scale is None else scale.to(device), mode=mode, use_asm=use_asm)
+    ref = torch.full((batch, rows), float("nan"), dtype=xdt)
+    for _, packed, lut, b, idx in blocks:
+        lut_linear_ref(x, packed, lut, b, cols, idx, ref, input_scale=scale)
+    assert torch.isfinite(ref).all()
+    tol = TOL if xdt == torch.float16 else 1e-2
+    assert rel_err(yd.cpu(), ref) < tol
+
+
 def case_id(c):
-    return f"{c[0]}x{c[1]}-b{c[2]}-m{c[3]}-{c[4]}-{c[6] or 'plain'}"
+    bits = "+".join(map(str, c[2])) if isinstance(c[2], tuple) else c[2]
+    return f"{c[0]}x{c[1]}-b{bits}-m{c[3]}-{c[4]}-{c[6] or 'plain'}"
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +208,7 @@ def test_triton_interpreter_matches_reference(interpreted_results, case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2]}-m{c[3]}-{c[4]}-{c[6] or 'plain'}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_triton_cuda_matches_reference(case):
     pytest.importorskip("triton")
     from anybit.kernels import triton_lut

@@ -11,14 +11,15 @@ Public entry points:
   (out_features x in_features), or a (crow, col, values) tuple) adds ``x @ S^T`` on the raw x
   once the block is written -- pass it with one block only.
 - ``lut_linear_blocks(x, blocks, out_features, *, input_scale=None, outliers=None, out=None)``:
-  a mixed-width matrix as its width blocks ``(codes, lut, bits, row_index)``, one launch per block
-  and one for the outliers, all writing straight into one output.
+  a mixed-width matrix as its width blocks ``(codes, lut, bits, row_index)``, all writing straight
+  into one output: at batch 1 one launch for up to three blocks, else one per block; one more for
+  the outliers.
 
 On CUDA tensors these run the Triton kernels (``triton_lut``); elsewhere, or with
 ``ANYBIT_KERNELS=reference`` in the environment, the pure-torch reference (``reference``), which
-is the same function. Activations fp16, bf16 or fp32; accumulation in fp32. Each call launches
-one kernel per block (plus one for outliers): for batch-1 decoding capture the model in a CUDA
-graph, as the benchmark does (benchmarks/kernels.py), or Python launch overhead dominates.
+is the same function. Activations fp16, bf16 or fp32; accumulation in fp32. For batch-1
+decoding capture the model in a CUDA graph, as the benchmarks do (benchmarks/kernels.py,
+benchmarks/decode.py), or Python launch overhead dominates.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features:
         tk = _triton()
         for codes, lut, bits, row_index in blocks:
             check_block(codes, lut, int(bits), in_features)
-            tk.launch_block(x2, codes, lut, int(bits), in_features, y2, row_index, input_scale)
+        tk.launch_blocks(x2, [(codes, lut, int(bits), ridx) for codes, lut, bits, ridx in blocks], in_features, y2,
+                         input_scale)
         if outliers is not None:
             tk.launch_outliers(x2, *csr_parts(outliers), y2)
         return out

@@ -79,53 +79,32 @@ def _gather4(lbase, c):
     return v0, v1, v2, v3
 
 
+def _gather_asm(load: str) -> str:
+    """PTX for 4 gathers: byte j of $4 replaces the low byte of the codebook address $5 (PRMT),
+    then one non-coherent load of type ``load`` into $j."""
+    lines = ["{", ".reg .b32 lo, hi, a;", ".reg .b64 p;", "mov.b64 {lo, hi}, $5;"]
+    for j in range(4):
+        lines += [f"prmt.b32 a, $4, lo, 0x765{j};", "mov.b64 p, {a, hi};", f"ld.global.nc.{load} ${j}, [p];"]
+    return "\n".join(lines + ["}"])
+
+
+_GATHER_F32: tl.constexpr = tl.constexpr(_gather_asm("f32"))
+_GATHER_F16: tl.constexpr = tl.constexpr(_gather_asm("b16"))
+
+
 @triton.jit
 def _gather4_asm(laddr, c, LUT32: tl.constexpr):
     """``_gather4`` with one PRMT per address: byte j of ``c`` holds the low byte of the entry's
     address (row address low byte | entry size * code, no carry since the row's codebook is
     aligned to its size); the other 7 bytes are those of the row's codebook address ``laddr``."""
     if LUT32:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 lo, hi, a;
-            .reg .b64 p;
-            mov.b64 {lo, hi}, $5;
-            prmt.b32 a, $4, lo, 0x7650;
-            mov.b64 p, {a, hi};
-            ld.global.nc.f32 $0, [p];
-            prmt.b32 a, $4, lo, 0x7651;
-            mov.b64 p, {a, hi};
-            ld.global.nc.f32 $1, [p];
-            prmt.b32 a, $4, lo, 0x7652;
-            mov.b64 p, {a, hi};
-            ld.global.nc.f32 $2, [p];
-            prmt.b32 a, $4, lo, 0x7653;
-            mov.b64 p, {a, hi};
-            ld.global.nc.f32 $3, [p];
-            }""",
-            constraints="=r,=r,=r,=r,r,l",
-            args=[c, laddr], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(asm=_GATHER_F32, constraints="=r,=r,=r,=r,r,l", args=[c, laddr],
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                         is_pure=True, pack=1)
     else:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 lo, hi, a;
-            .reg .b64 p;
-            mov.b64 {lo, hi}, $5;
-            prmt.b32 a, $4, lo, 0x7650;
-            mov.b64 p, {a, hi};
-            ld.global.nc.b16 $0, [p];
-            prmt.b32 a, $4, lo, 0x7651;
-            mov.b64 p, {a, hi};
-            ld.global.nc.b16 $1, [p];
-            prmt.b32 a, $4, lo, 0x7652;
-            mov.b64 p, {a, hi};
-            ld.global.nc.b16 $2, [p];
-            prmt.b32 a, $4, lo, 0x7653;
-            mov.b64 p, {a, hi};
-            ld.global.nc.b16 $3, [p];
-            }""",
-            constraints="=h,=h,=h,=h,r,l",
-            args=[c, laddr], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(asm=_GATHER_F16, constraints="=h,=h,=h,=h,r,l", args=[c, laddr],
+                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
@@ -311,18 +290,15 @@ def _decode(lbase, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w
 
 
 @triton.jit
-def _lut_fma_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
-                    M, R, K, NCHUNK, stride_xm, stride_cr, stride_lr, stride_ym,
-                    BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
-                    RED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, ASM: tl.constexpr,
-                    LUT32: tl.constexpr, SEL: tl.constexpr, XF32: tl.constexpr):
-    """One row of x per program column, fp32 FMAs on CUDA cores (batch 1). Grid (M, row tiles):
-    the M programs of a row tile are neighbours, so its codes are read from DRAM once. The code
-    words of the next PF (1 or 2) steps are loaded ahead of this step's decode. RED: sum each
-    step's 32 columns in-thread (a (BLOCK_R, U) accumulator instead of (BLOCK_R, U, 32), fewer
-    registers, more warps per SM). XF32: x goes to fp32 before its layout change."""
-    m = tl.program_id(0)
-    pid = tl.program_id(1)
+def _fma_rows(m, pid, x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr, R, K, NCHUNK,
+              stride_xm, stride_cr, stride_lr, stride_ym,
+              BITS: tl.constexpr, BLOCK_R: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
+              RED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, ASM: tl.constexpr,
+              LUT32: tl.constexpr, SEL: tl.constexpr, XF32: tl.constexpr):
+    """Row tile ``pid`` of one width block times row ``m`` of x, fp32 FMAs on CUDA cores. The
+    code words of the next PF (1 or 2) steps are loaded ahead of this step's decode. RED: sum
+    each step's 32 columns in-thread (a (BLOCK_R, U) accumulator instead of (BLOCK_R, U, 32),
+    fewer registers, more warps per SM). XF32: x goes to fp32 before its layout change."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     rows_c = tl.where(rmask, rows, 0).to(tl.int64)
@@ -368,6 +344,42 @@ def _lut_fma_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr,
     else:
         dst = rows
     tl.store(y_ptr + m * stride_ym + dst, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+
+
+@triton.jit
+def _lut_fma_kernel(x_ptr, scale_ptr, y_ptr, K, NCHUNK, stride_xm, stride_ym,
+                    codes_a, lut_a, ridx_a, R_a, stride_ca, stride_la,
+                    codes_b, lut_b, ridx_b, R_b, stride_cb, stride_lb,
+                    codes_c, lut_c, ridx_c, R_c, stride_cc, stride_lc, TILES_A, TILES_AB,
+                    BITS_A: tl.constexpr, BITS_B: tl.constexpr, BITS_C: tl.constexpr,
+                    SEL_A: tl.constexpr, SEL_B: tl.constexpr, SEL_C: tl.constexpr,
+                    BLOCK_R: tl.constexpr, U: tl.constexpr, PF: tl.constexpr, RED: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_RIDX: tl.constexpr, ASM: tl.constexpr,
+                    LUT32: tl.constexpr, XF32: tl.constexpr):
+    """Batch 1 (and small M): up to three width blocks of one matrix in one launch (BITS_B,
+    BITS_C = 0 when absent). Grid (M, row tiles of a, then of b, then of c): the M programs of a
+    row tile are neighbours, so its codes are read from DRAM once; one launch leaves no tail
+    between the blocks of a mixed-width matrix."""
+    m = tl.program_id(0)
+    pid = tl.program_id(1)
+    if BITS_B == 0:
+        _fma_rows(m, pid, x_ptr, codes_a, lut_a, scale_ptr, ridx_a, y_ptr, R_a, K, NCHUNK,
+                  stride_xm, stride_ca, stride_la, stride_ym, BITS_A, BLOCK_R, U, PF, RED, HAS_SCALE,
+                  HAS_RIDX, ASM, LUT32, SEL_A, XF32)
+    elif pid < TILES_A:
+        _fma_rows(m, pid, x_ptr, codes_a, lut_a, scale_ptr, ridx_a, y_ptr, R_a, K, NCHUNK,
+                  stride_xm, stride_ca, stride_la, stride_ym, BITS_A, BLOCK_R, U, PF, RED, HAS_SCALE,
+                  HAS_RIDX, ASM, LUT32, SEL_A, XF32)
+    elif BITS_C == 0 or pid < TILES_AB:
+        _fma_rows(m, pid - TILES_A, x_ptr, codes_b, lut_b, scale_ptr, ridx_b, y_ptr, R_b, K, NCHUNK,
+                  stride_xm, stride_cb, stride_lb, stride_ym, BITS_B, BLOCK_R, U, PF, RED, HAS_SCALE,
+                  HAS_RIDX, ASM, LUT32, SEL_B, XF32)
+    else:
+        _fma_rows(m, pid - TILES_AB, x_ptr, codes_c, lut_c, scale_ptr, ridx_c, y_ptr, R_c, K, NCHUNK,
+                  stride_xm, stride_cc, stride_lc, stride_ym, BITS_C, BLOCK_R, U, PF, RED, HAS_SCALE,
+                  HAS_RIDX, ASM, LUT32, SEL_C, XF32)
 
 
 @triton.jit
@@ -504,70 +516,117 @@ def _workspace(device, n: int, tiles: int):
     return ws, sem
 
 
-def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_scale=None, *,
-                 mode: str | None = None, config: tuple[int, int, int] | None = None,
-                 use_asm: bool | None = None):
-    """Write one width block's rows of y2 (M, out) from x2 (M, in) and return y2.
-
-    ``lut`` is fp16 (fastest) or fp32 holding fp16 values (rows_b, >= 2**bits); ``mode`` "fma" or
-    "dot" (default: "fma" for one row of x, else "dot"); ``config`` overrides ``config_for``;
-    ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. Split-K
-    launches share one workspace per device: do not run them concurrently on several streams."""
-    M = x2.shape[0]
-    R = codes.shape[0]
-    if R == 0 or M == 0:
-        return y2
-    nchunk = codes.shape[1] // bits
-    if mode is None:
-        mode = "fma" if M <= FMA_MAX_BATCH else "dot"
-    cfg = tuple(config or config_for(mode, R, in_features, bits, M))
-    block_r, u, warps = cfg[:3]
-    pf = cfg[3] if len(cfg) > 3 else 2
-    red = bool(cfg[4]) if len(cfg) > 4 else False
-    sel = cfg[5] if len(cfg) > 5 else 8
-    xf32 = bool(cfg[6]) if len(cfg) > 6 else True
+def _tile_config(mode, rows, in_features, bits, M, config):
+    cfg = tuple(config or config_for(mode, rows, in_features, bits, M))
+    padded = cfg + (2, False, 8, True, 0)[len(cfg) - 3:] if len(cfg) < 8 else cfg
+    block_r, u, warps, pf, red, sel, xf32, split = padded[:8]
     if mode == "dot":
         block_r = max(block_r, 16)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    return block_r, u, warps, pf, bool(red), sel, bool(xf32), split
+
+
+def _operands(x2, codes, lut, bits, use_asm, sel):
+    """Contiguous codes, an fp16 (or fp32) codebook, and whether its PTX paths apply."""
     codes = codes.contiguous()
     if lut.stride(-1) != 1:
         lut = lut.contiguous()
     lut32 = lut.dtype == torch.float32
     if not lut32 and lut.dtype != torch.float16:
         lut = lut.to(torch.float16)
-    if use_asm is None:
-        use_asm = x2.is_cuda and aligned_for_asm(lut, bits)
-    if not (use_asm and not lut32 and bits <= 4 and lut.stride(0) % 2 == 0 and lut.data_ptr() % 4 == 0):
+    asm = x2.is_cuda and aligned_for_asm(lut, bits) if use_asm is None else use_asm
+    if not (asm and not lut32 and bits <= 4 and lut.stride(0) % 2 == 0 and lut.data_ptr() % 4 == 0):
         sel = 8  # register selection: fp16 codebooks of up to 16 entries, on CUDA
-    has_scale = input_scale is not None
-    has_ridx = row_index is not None
-    scale = input_scale.contiguous() if has_scale else x2
-    ridx = row_index.contiguous() if has_ridx else codes
-    split = cfg[7] if len(cfg) > 7 else 0
-    if mode == "fma":
-        grid = (M, triton.cdiv(R, block_r))
-        _lut_fma_kernel[grid](x2, codes, lut, scale, ridx, y2, M, R, in_features, nchunk,
-                              x2.stride(0), codes.stride(0), lut.stride(0), y2.stride(0),
-                              BITS=bits, BLOCK_R=block_r, U=u, PF=pf, RED=red, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
-                              ASM=use_asm, LUT32=lut32, SEL=sel, XF32=xf32, num_warps=warps)
-    else:
-        f16 = x2.dtype == torch.float16 and not has_scale
-        tiles = triton.cdiv(R, block_r)
-        if split <= 0:  # enough programs to fill the GPU: about 4 per multiprocessor
-            split = max(1, min(8, round(4 * _sm_count(x2.device) / tiles), nchunk // (2 * u)))
-        cps = triton.cdiv(triton.cdiv(nchunk, split), u) * u
-        split = triton.cdiv(nchunk, cps)
-        ws, sem = _workspace(x2.device, 16 * R, tiles) if split > 1 else (x2, codes)
-        for m0 in range(0, M, 16):
-            xm = x2[m0:m0 + 16]
-            ym = y2[m0:m0 + 16]
-            _lut_dot_kernel[(tiles, split)](
-                xm, codes, lut, scale, ridx, ym, ws, sem, xm.shape[0], R, in_features, nchunk, cps,
-                xm.stride(0), codes.stride(0), lut.stride(0), ym.stride(0),
-                BITS=bits, BLOCK_R=block_r, U=u, BLOCK_M=16, SPLIT=split, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
-                F16_DOT=f16, ASM=use_asm, LUT32=lut32, SEL=sel, num_warps=warps)
+    return codes, lut, lut32, asm, sel
+
+
+def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | None = None,
+                  config: tuple[int, ...] | None = None, use_asm: bool | None = None):
+    """Write the rows of every width block ``(codes, lut, bits, row_index)`` of one matrix into
+    y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding fp16 values
+    (rows_b, >= 2**bits); ``mode`` "fma" or "dot" (default: "fma" for one row of x, else "dot");
+    ``config`` overrides ``config_for``; ``use_asm`` (default: on CUDA when the codebook is
+    aligned) enables the PTX paths. FMA: up to three blocks with codebooks of one dtype share a
+    launch. Split-K (dot) launches share one workspace per device: do not run them concurrently
+    on several streams."""
+    M = x2.shape[0]
+    blocks = [b for b in blocks if b[0].shape[0]]
+    if not blocks or M == 0:
+        return y2
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if mode is None:
+        mode = "fma" if M <= FMA_MAX_BATCH else "dot"
+    scale = input_scale.contiguous() if input_scale is not None else None
+    if mode == "dot":
+        for codes, lut, bits, row_index in blocks:
+            _launch_dot(x2, codes, lut, bits, in_features, y2, row_index, scale, config, use_asm)
+        return y2
+    prepared = []
+    for codes, lut, bits, row_index in blocks:
+        cfg = _tile_config("fma", codes.shape[0], in_features, bits, M, config)
+        codes, lut, lut32, asm, sel = _operands(x2, codes, lut, bits, use_asm, cfg[5])
+        prepared.append((codes, lut, bits, row_index, lut32, asm, sel))
+    for lut32 in (False, True):
+        same = [b for b in prepared if b[4] == lut32]
+        for i in range(0, len(same), 3):
+            _launch_fma(x2, same[i:i + 3], in_features, y2, scale, lut32, config)
     return y2
+
+
+def _launch_fma(x2, group, in_features, y2, scale, lut32, config):
+    M = x2.shape[0]
+    block_r, u, warps, pf, red, _, xf32, _ = _tile_config("fma", group[0][0].shape[0], in_features, group[0][2],
+                                                            M, config)
+    has_ridx = any(b[3] is not None for b in group)
+    asm = all(b[5] for b in group)
+    slots, tiles = [], [0]
+    for codes, lut, bits, row_index, _, _, sel in group:
+        if has_ridx and row_index is None:  # another block has indices: give this one its own
+            row_index = torch.arange(codes.shape[0], device=codes.device)
+        ridx = row_index.contiguous() if row_index is not None else codes
+        slots.append(((codes, lut, ridx, codes.shape[0], codes.stride(0), lut.stride(0)), bits, sel if asm else 8))
+        tiles.append(tiles[-1] + triton.cdiv(codes.shape[0], block_r))
+    while len(slots) < 3:  # absent slots: width 0, never reached
+        slots.append((slots[0][0], 0, 8))
+        tiles.append(tiles[-1])
+    nchunk = group[0][0].shape[1] // group[0][2]
+    args = [a for slot in slots for a in slot[0]]
+    _lut_fma_kernel[(M, tiles[len(group)])](
+        x2, scale if scale is not None else x2, y2, in_features, nchunk, x2.stride(0), y2.stride(0), *args,
+        tiles[1], tiles[2], BITS_A=slots[0][1], BITS_B=slots[1][1], BITS_C=slots[2][1], SEL_A=slots[0][2],
+        SEL_B=slots[1][2], SEL_C=slots[2][2], BLOCK_R=block_r, U=u, PF=pf, RED=red, HAS_SCALE=scale is not None,
+        HAS_RIDX=has_ridx, ASM=asm, LUT32=lut32, XF32=xf32, num_warps=warps)
+
+
+def _launch_dot(x2, codes, lut, bits, in_features, y2, row_index, scale, config, use_asm):
+    M = x2.shape[0]
+    R = codes.shape[0]
+    block_r, u, warps, _, _, sel, _, split = _tile_config("dot", R, in_features, bits, M, config)
+    codes, lut, lut32, use_asm, sel = _operands(x2, codes, lut, bits, use_asm, sel)
+    nchunk = codes.shape[1] // bits
+    has_scale = scale is not None
+    has_ridx = row_index is not None
+    ridx = row_index.contiguous() if has_ridx else codes
+    f16 = x2.dtype == torch.float16 and not has_scale
+    tiles = triton.cdiv(R, block_r)
+    if split <= 0:  # enough programs to fill the GPU: about 4 per multiprocessor
+        split = max(1, min(8, round(4 * _sm_count(x2.device) / tiles), nchunk // (2 * u)))
+    cps = triton.cdiv(triton.cdiv(nchunk, split), u) * u
+    split = triton.cdiv(nchunk, cps)
+    ws, sem = _workspace(x2.device, 16 * R, tiles) if split > 1 else (x2, codes)
+    for m0 in range(0, M, 16):
+        xm = x2[m0:m0 + 16]
+        ym = y2[m0:m0 + 16]
+        _lut_dot_kernel[(tiles, split)](
+            xm, codes, lut, scale if has_scale else x2, ridx, ym, ws, sem, xm.shape[0], R, in_features, nchunk, cps,
+            xm.stride(0), codes.stride(0), lut.stride(0), ym.stride(0),
+            BITS=bits, BLOCK_R=block_r, U=u, BLOCK_M=16, SPLIT=split, HAS_SCALE=has_scale, HAS_RIDX=has_ridx,
+            F16_DOT=f16, ASM=use_asm, LUT32=lut32, SEL=sel, num_warps=warps)
+
+
+def launch_block(x2, codes, lut, bits, in_features, y2, row_index=None, input_scale=None, **options):
+    """One width block: ``launch_blocks`` with a single block."""
+    return launch_blocks(x2, [(codes, lut, bits, row_index)], in_features, y2, input_scale, **options)
 
 
 def launch_outliers(x2, crow, col, values, y2):
