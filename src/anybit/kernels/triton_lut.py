@@ -263,6 +263,8 @@ def _decode(lbase, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w
         base = (lbase.to(tl.int64) & 0xFF).to(tl.uint32) * 0x01010101
     else:
         base = tl.zeros_like(w0)
+    # One call per column offset S (a constexpr): written out because a jit function cannot
+    # gather the eight results in a list to join them.
     q0 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
                    0, BITS, ASM, LUT32, SEL)
     q1 = _values4(lbase, base, lw0, lw1, lw2, lw3, lw4, lw5, lw6, lw7, w0, w1, w2, w3, w4, w5, w6, w7,
