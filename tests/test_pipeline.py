@@ -1,8 +1,11 @@
+import pytest
 import torch
 
 from anybit.methods import build_method
 from anybit.models import block_linears, decoder_blocks
-from anybit.pipeline import capture_block_inputs, collect_stats, quantize_model, run_block, sequential_groups
+from anybit.pipeline import (
+    add_gram, capture_block_inputs, collect_stats, quantize_model, run_block, sequential_groups,
+)
 
 
 def _samples(n=4, seqlen=32, vocab=64, seed=0):
@@ -94,3 +97,15 @@ def test_gptq_calibrated_model_is_closer_to_fp_than_rtn(llama):
 
 def test_linears_found_per_block(llama):
     assert len(block_linears(decoder_blocks(llama)[0])) == 7
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_add_gram_is_the_fp32_product_of_the_inputs(device, dtype):
+    x = (torch.randn(300, 48, generator=torch.Generator().manual_seed(0)) * 4).to(dtype).to(device)
+    h = torch.ones(48, 48, device=device)
+    add_gram(h, x)
+    want = 1 + x.double().t() @ x.double()
+    assert h.dtype == torch.float32
+    assert torch.allclose(h.double(), want, rtol=1e-5, atol=1e-3)

@@ -37,6 +37,18 @@ class LinearStats:
         return torch.diag(self.hessian)
 
 
+def add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h += x^T x in fp32. fp16/bf16 inputs on CUDA multiply on tensor cores with fp32
+    accumulation and output: every product of two half-precision numbers is exact in fp32, so
+    this is the fp32 product of the upcast inputs (summation order aside), an order of magnitude
+    faster than an fp32 matrix product (BENCHMARKS.md, quantization speed: the statistics stage)."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        h.add_(torch.mm(x.t(), x, out_dtype=torch.float32))
+    else:
+        x = x.float()
+        h.addmm_(x.t(), x)
+
+
 class _StatsHook:
     def __init__(self, in_features: int, device, keep_inputs: int):
         self.h = torch.zeros(in_features, in_features, device=device)
@@ -45,11 +57,11 @@ class _StatsHook:
         self.kept: list[torch.Tensor] = []
 
     def __call__(self, module, args, output):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        self.h.addmm_(x.t(), x)
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        add_gram(self.h, x)
         self.n += x.shape[0]
         if self.keep_inputs:
-            self.kept.append(x[::8].cpu())  # every 8th token: enough for a few thousand kept
+            self.kept.append(x[::8].float().cpu())  # every 8th token: enough for a few thousand kept
 
     def stats(self) -> LinearStats:
         inputs = None

@@ -194,7 +194,12 @@ def case_id(c):
 @pytest.fixture(scope="module")
 def interpreted_results():
     """Every case run once under the interpreter, in one subprocess: {case id: error or ""}."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        # Seen with Triton 3.6: its interpreter raises TypeError ("only 0-dimensional arrays can
+        # be converted to Python scalars") in ``range`` over a kernel argument, in every kernel
+        # here. The compiled kernels are tested on CUDA below.
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; 3.9 can")
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
