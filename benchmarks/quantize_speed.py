@@ -1,6 +1,7 @@
 """Quantization speed: the full anybit pipeline on a LLaMA-2-7B-shaped model (random weights).
 
     python benchmarks/quantize_speed.py --device cuda --methods skim:3.25 gptq:3:128 squeezellm:3
+    python benchmarks/quantize_speed.py --layers 2 --methods skim:3.25:0:scaling=true   # options as ladder.py
     python benchmarks/quantize_speed.py --smoke      # tiny model on the CPU: exercises this file
 
 Per method: wall time of each pipeline stage (``anybit.timing``; nested stages such as
@@ -35,12 +36,7 @@ from random_llama import random_llama  # noqa: E402
 from anybit.formats.packed import pack_weight  # noqa: E402
 from anybit.methods import build_method  # noqa: E402
 from anybit.pipeline import quantize_model  # noqa: E402
-
-
-def parse_method(text: str):
-    """``name:bits[:group_size]`` -> (name, bits, group_size)."""
-    parts = text.split(":")
-    return parts[0], float(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+from anybit.sweep import Config  # noqa: E402
 
 
 def gib(n: int) -> float:
@@ -48,7 +44,7 @@ def gib(n: int) -> float:
 
 
 def run_one(args, spec: str) -> dict:
-    name, bits, group = parse_method(spec)
+    config = Config.parse(spec)  # name:bits[:group[:key=value,...]], as benchmarks/ladder.py
     cuda = args.device.startswith("cuda")
     dtype = torch.float16 if cuda else torch.float32
     t0 = time.perf_counter()
@@ -56,7 +52,7 @@ def run_one(args, spec: str) -> dict:
     build_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     samples = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(args.seed))
-    method = build_method(name, bits, group)
+    method = build_method(config.method, config.bits, config.group_size, **dict(config.options))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
