@@ -46,3 +46,15 @@ def test_opt_blocks_are_found():
 def test_builtin_model_resolves_to_gguf():
     folder, gguf = resolve_model("smollm2-135m")
     assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_gguf_conversion_bar_is_off_without_progress():
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from anybit.models import _gguf_progress
+
+    original = gguf_utils.tqdm
+    with _gguf_progress(False):
+        assert gguf_utils.tqdm(range(3)).disable
+    assert gguf_utils.tqdm is original
+    with _gguf_progress(True):
+        assert gguf_utils.tqdm is original

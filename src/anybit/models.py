@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,25 @@ def _quiet_transformers(progress: bool):
         hf_logging.disable_progress_bar()
 
 
+@contextmanager
+def _gguf_progress(progress: bool):
+    """transformers converts GGUF tensors under a plain tqdm bar that its progress-bar switch does
+    not reach: without ``progress`` that bar is built disabled while the model loads."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    if progress or gguf_utils is None or not hasattr(gguf_utils, "tqdm"):
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True):
     """Load a causal LM and its tokenizer. Raises AnybitError for anything the user can fix."""
     from safetensors import SafetensorError
@@ -81,8 +102,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     folder, gguf_file = resolve_model(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        with _gguf_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: truncated weights
         raise AnybitError(f"cannot load model {spec}: {str(exc).splitlines()[0]}") from exc
     check_supported(model)
