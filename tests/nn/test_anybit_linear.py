@@ -105,3 +105,20 @@ def test_kernel_path_matches_dense_path(monkeypatch):
         monkeypatch.setattr(AnybitLinear, "uses_kernel", lambda self, x: True)
         assert torch.allclose(module(x), dense, atol=1e-4, rtol=1e-4)
         monkeypatch.undo()
+
+
+def test_kernel_operands_follow_weights_loaded_in_place(monkeypatch):
+    """The kernel path caches what it derives from the buffers; loading a state dict copies new
+    values into the same storage, and must not leave the old corrections in use."""
+    import anybit.kernels as kernels
+
+    first = AnybitLinear.from_quantized(with_extras(random_lut(24, 70, 0, seed=1), seed=1))
+    second = AnybitLinear.from_quantized(with_extras(random_lut(24, 70, 0, seed=1), seed=2))
+    assert first.spec == second.spec
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(0))
+    want = second(x)
+    monkeypatch.setattr(linear_module, "_kernels", lambda: kernels)
+    monkeypatch.setattr(AnybitLinear, "uses_kernel", lambda self, x: True)
+    first(x)  # fills the cache
+    first.load_state_dict(second.state_dict())
+    assert torch.allclose(first(x), want, atol=1e-4, rtol=1e-4)

@@ -95,6 +95,10 @@ class AnybitLinear(nn.Module):
         return (kernels is not None and self.spec.grid == "lut" and self.spec.lut_axis == 0
                 and kernels.use_triton(x))
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_operands = None  # loaded in place: same storage, new values
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def kernel_operands(self) -> dict:
         """What the GPU kernels read, worked out once per set of buffers (cached: the forward of a
         decoding step must not synchronise, so that it can be captured in a CUDA graph). The
