@@ -1,7 +1,8 @@
 """Triton kernels for LUT (per-row codebook) linear layers on bit-plane packed codes.
 
-One launch handles one width block: ``y[m, row_index[r]] = sum_k xs[m, k] * lut[r, code[r, k]]``
-(``reference.py`` is the exact function). Codes come from ``pack_bitplanes``: per row and chunk
+Each width block computes ``y[m, row_index[r]] = sum_k xs[m, k] * lut[r, code[r, k]]``
+(``reference.py`` is the exact function); at batch 1 one launch covers up to three blocks of a
+matrix (``launch_blocks``), the tensor-core kernel launches once per block. Codes come from ``pack_bitplanes``: per row and chunk
 of 32 columns, ``BITS`` int32 words, word ``p`` holding bit ``p`` of the 32 codes.
 
 Decoding (what costs instructions; the bytes are few): for a column offset ``s`` in 0..7 the bits
@@ -23,7 +24,8 @@ The 32 values of a chunk are joined so that each thread holds 32 consecutive col
 fp32 workspace that the kernel leaves zeroed). Code words are loaded a step or two ahead.
 
 Sparse outliers (``y += x @ S^T``, CSR) are added by ``_csr_add_kernel`` after the blocks.
-Every kernel here also runs under ``TRITON_INTERPRET=1`` on CPU tensors (with ``ASM`` off).
+Every kernel here also runs under ``TRITON_INTERPRET=1`` on CPU tensors (with ``ASM`` off;
+Triton >= 3.9: 3.6's interpreter fails on them).
 Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
 """
 
@@ -346,8 +348,6 @@ def _fma_rows(m, pid, x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr, R, 
     else:
         dst = rows
     tl.store(y_ptr + m * stride_ym + dst, y.to(y_ptr.dtype.element_ty), mask=rmask)
-
-
 
 
 @triton.jit
