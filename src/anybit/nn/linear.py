@@ -1,12 +1,13 @@
 """``AnybitLinear``: a linear layer that keeps its weight packed (docs/format.md) and computes with it.
 
 The packed tensors are buffers named as in the checkpoint, so ``state_dict`` is the on-disk
-layout. Forward, where a GPU kernel exists for the grid (per-row codebooks on CUDA): permute the input
-once, then one kernel launch per width block writes its rows straight into the output (input
-scale applied inside), one more adds the sparse outliers' correction; the weight is never
-decoded as a whole. Everywhere else the pure-torch path decodes the
-weight (unpack + codebook lookup) for the one matmul and drops it: the same dense product the
-in-memory quantized model computes, so a saved-and-loaded model gives identical logits.
+layout. Forward, where a GPU kernel exists for the grid (per-row codebooks on CUDA): permute the
+input once, then the kernels write every width block's rows straight into the output (input
+scale applied inside; at batch 1 one launch for up to three blocks), and one more launch adds
+the sparse outliers' correction; the weight is never decoded as a whole. Everywhere else the
+pure-torch path decodes the weight (unpack + codebook lookup) for the one matmul and drops it:
+the same dense product the in-memory quantized model computes, so a saved-and-loaded model
+gives identical logits.
 """
 
 from __future__ import annotations
