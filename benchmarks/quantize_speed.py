@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     layers = args.layers or llama_config(args.shape).num_hidden_layers
     meta = {"date": datetime.date.today().isoformat(), "shape": args.shape, "layers": layers,
             "nsamples": args.nsamples, "seqlen": args.seqlen, "torch": torch.__version__,
-            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+            "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                            else platform.processor() or "cpu"),
             "command": "python benchmarks/quantize_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     rows = []
     os.makedirs(args.out, exist_ok=True)

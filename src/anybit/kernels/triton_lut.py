@@ -2,8 +2,9 @@
 
 Each width block computes ``y[m, row_index[r]] = sum_k xs[m, k] * lut[r, code[r, k]]``
 (``reference.py`` is the exact function); at batch 1 one launch covers up to three blocks of a
-matrix (``launch_blocks``), the tensor-core kernel launches once per block. Codes come from ``pack_bitplanes``: per row and chunk
-of 32 columns, ``BITS`` int32 words, word ``p`` holding bit ``p`` of the 32 codes.
+matrix (``launch_blocks``), the tensor-core kernel launches once per block. Codes come from
+``pack_bitplanes``: per row and chunk of 32 columns, ``BITS`` int32 words, word ``p`` holding
+bit ``p`` of the 32 codes.
 
 Decoding (what costs instructions; the bytes are few): for a column offset ``s`` in 0..7 the bits
 of columns ``s, s+8, s+16, s+24`` of plane ``p`` go into the 4 bytes of one word with one shift
