@@ -564,26 +564,24 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
         for codes, lut, bits, row_index in blocks:
             _launch_dot(x2, codes, lut, bits, in_features, y2, row_index, scale, config, use_asm)
         return y2
-    prepared = []
-    for codes, lut, bits, row_index in blocks:
-        cfg = _tile_config("fma", codes.shape[0], in_features, bits, M, config)
-        codes, lut, lut32, asm, sel = _operands(x2, codes, lut, bits, use_asm, cfg[5])
-        prepared.append((codes, lut, bits, row_index, lut32, asm, sel))
     for lut32 in (False, True):
-        same = [b for b in prepared if b[4] == lut32]
+        same = [b for b in blocks if (b[1].dtype == torch.float32) == lut32]
         for i in range(0, len(same), 3):
-            _launch_fma(x2, same[i:i + 3], in_features, y2, scale, lut32, config)
+            _launch_fma(x2, same[i:i + 3], in_features, y2, scale, lut32, config, use_asm)
     return y2
 
 
-def _launch_fma(x2, group, in_features, y2, scale, lut32, config):
+def _launch_fma(x2, group, in_features, y2, scale, lut32, config, use_asm):
+    """One launch for the (up to three) blocks of ``group``, tiled by the first block's config."""
     M = x2.shape[0]
-    block_r, u, warps, pf, red, _, xf32, _ = _tile_config("fma", group[0][0].shape[0], in_features, group[0][2],
-                                                            M, config)
-    has_ridx = any(b[3] is not None for b in group)
-    asm = all(b[5] for b in group)
+    block_r, u, warps, pf, red, sel, xf32, _ = _tile_config("fma", group[0][0].shape[0], in_features, group[0][2],
+                                                              M, config)
+    prepared = [(*_operands(x2, codes, lut, bits, use_asm, sel), bits, row_index)
+                for codes, lut, bits, row_index in group]
+    has_ridx = any(b[6] is not None for b in prepared)
+    asm = all(b[3] for b in prepared)
     slots, tiles = [], [0]
-    for codes, lut, bits, row_index, _, _, sel in group:
+    for codes, lut, _, _, sel, bits, row_index in prepared:
         if has_ridx and row_index is None:  # another block has indices: give this one its own
             row_index = torch.arange(codes.shape[0], device=codes.device)
         ridx = row_index.contiguous() if row_index is not None else codes
@@ -592,7 +590,7 @@ def _launch_fma(x2, group, in_features, y2, scale, lut32, config):
     while len(slots) < 3:  # absent slots: width 0, never reached
         slots.append((slots[0][0], 0, 8))
         tiles.append(tiles[-1])
-    nchunk = group[0][0].shape[1] // group[0][2]
+    nchunk = prepared[0][0].shape[1] // prepared[0][5]
     args = [a for slot in slots for a in slot[0]]
     _lut_fma_kernel[(M, tiles[len(group)])](
         x2, scale if scale is not None else x2, y2, in_features, nchunk, x2.stride(0), y2.stride(0), *args,
