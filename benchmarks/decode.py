@@ -36,9 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
-from random_llama import random_llama  # noqa: E402
+from random_llama import random_llama, random_lut_block  # noqa: E402
 
-from anybit.formats.bitpack import packed_words  # noqa: E402
 from anybit.formats.packed import LinearSpec, codes_name, lut_name  # noqa: E402
 from anybit.models import decoder_blocks  # noqa: E402
 from anybit.nn import AnybitLinear  # noqa: E402
@@ -181,47 +180,47 @@ def random_anybit_linear(out_f: int, in_f: int, mix: dict[int, float], device, g
     blocks = {b: (int((widths == b).sum()), in_f) for b in mix if int((widths == b).sum())}
     module = AnybitLinear(LinearSpec("lut", out_f, in_f, blocks), device=device)
     for bits, (rows, _) in blocks.items():
-        words = packed_words(in_f, bits)
-        setattr(module, codes_name(bits), torch.randint(-2**31, 2**31, (rows, words), dtype=torch.int32, device=device))
-        lut = torch.randn(rows, 2**bits, device=device).sort(1).values * 0.02
-        setattr(module, lut_name(bits), lut.half())
+        codes, lut = random_lut_block(rows, in_f, bits, device, gen=gen)
+        setattr(module, codes_name(bits), codes)
+        setattr(module, lut_name(bits), lut)
     if len(blocks) > 1:
         module.widths = widths.to(device)
     return module
+
+
+def block_linears(model):
+    """(block, qualified name, module) of every decoder-block linear, nn.Linear or AnybitLinear."""
+    for block in decoder_blocks(model):
+        for name, m in list(block.named_modules()):
+            if isinstance(m, (nn.Linear, AnybitLinear)):
+                yield block, name, m
+
+
+def stored_bytes(m) -> int:
+    """Bytes a block linear keeps: its packed tensors, or its fp16 weight."""
+    tensors = m.packed().values() if isinstance(m, AnybitLinear) else [m.weight]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def to_anybit(model, mix: dict[int, float], seed: int = 0) -> None:
     """Replace every decoder-block linear (nn.Linear or an earlier AnybitLinear) by a random packed
     AnybitLinear, in place."""
     gen = torch.Generator().manual_seed(seed)
-    for block in decoder_blocks(model):
-        for name, m in list(block.named_modules()):
-            if isinstance(m, (nn.Linear, AnybitLinear)):
-                parent, _, child = name.rpartition(".")
-                device = next(m.buffers(), None) if isinstance(m, AnybitLinear) else m.weight
-                new = random_anybit_linear(m.out_features, m.in_features, mix, device.device, gen)
-                setattr(block.get_submodule(parent) if parent else block, child, new)
+    for block, name, m in block_linears(model):
+        parent, _, child = name.rpartition(".")
+        device = next(m.buffers()).device if isinstance(m, AnybitLinear) else m.weight.device
+        new = random_anybit_linear(m.out_features, m.in_features, mix, device, gen)
+        setattr(block.get_submodule(parent) if parent else block, child, new)
 
 
 def honest_bits(model) -> float:
-    bits = params = 0
-    for block in decoder_blocks(model):
-        for m in block.modules():
-            if isinstance(m, AnybitLinear):
-                bits += sum(t.numel() * t.element_size() * 8 for t in m.packed().values())
-                params += m.in_features * m.out_features
-    return bits / params
+    """Stored bits per weight of the block linears (all AnybitLinear)."""
+    linears = [m for _, _, m in block_linears(model)]
+    return 8 * sum(map(stored_bytes, linears)) / sum(m.in_features * m.out_features for m in linears)
 
 
 def linear_bytes(model) -> int:
-    n = 0
-    for block in decoder_blocks(model):
-        for m in block.modules():
-            if isinstance(m, AnybitLinear):
-                n += sum(t.numel() * t.element_size() for t in m.packed().values())
-            elif isinstance(m, nn.Linear):
-                n += m.weight.numel() * m.weight.element_size()
-    return n
+    return sum(stored_bytes(m) for _, _, m in block_linears(model))
 
 
 def measure(model, args, cuda: bool) -> dict:

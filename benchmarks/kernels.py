@@ -42,8 +42,8 @@ if "anybit" not in sys.modules:  # import the kernels without the package's __in
     _pkg.__path__ = [os.path.join(SRC, "anybit")]
     sys.modules["anybit"] = _pkg
 
-from anybit.formats.bitpack import pack_bitplanes  # noqa: E402
 from anybit.kernels import lut_linear_ref  # noqa: E402
+from random_llama import random_lut_block  # noqa: E402
 from anybit.kernels import triton_lut as tk  # noqa: E402
 from anybit.kernels.reference import add_outliers_ref  # noqa: E402
 
@@ -68,22 +68,10 @@ def log(*a):
 # ----------------------------------------------------------------------------- data
 
 
-def make_block(rows, cols, bits, device, lut_dtype, gen):
-    """Random codes (packed) and sorted random codebooks. For whole chunks, uniformly random
-    words are uniformly random codes; odd column counts go through pack_bitplanes."""
-    if cols % 32 == 0:
-        packed = torch.randint(-2**31, 2**31, (rows, cols // 32 * bits), dtype=torch.int32, device=device)
-    else:
-        codes = torch.randint(0, 2**bits, (rows, cols), generator=gen)
-        packed = pack_bitplanes(codes, bits).to(device)
-    lut = (torch.randn(rows, 2**bits, device=device).sort(dim=1).values * 0.02).half()
-    return packed, lut.to(lut_dtype)  # an fp32 codebook is an upcast copy of the fp16 one
-
-
 def make_matrix(out_f, in_f, width, device, lut_dtype, gen):
     """Row blocks [(codes, lut, bits, row_index or None)] of a matrix of the given width."""
     if width != "3.25":
-        packed, lut = make_block(out_f, in_f, int(width), device, lut_dtype, gen)
+        packed, lut = random_lut_block(out_f, in_f, int(width), device, lut_dtype, gen)
         return [(packed, lut, int(width), None)]
     bits = torch.full((out_f,), 3, dtype=torch.long)
     bits[torch.randperm(out_f, generator=gen)[: out_f // 4]] = 4
@@ -91,7 +79,7 @@ def make_matrix(out_f, in_f, width, device, lut_dtype, gen):
     blocks = []
     for b in (3, 4):
         idx = order[bits[order] == b]
-        packed, lut = make_block(idx.numel(), in_f, b, device, lut_dtype, gen)
+        packed, lut = random_lut_block(idx.numel(), in_f, b, device, lut_dtype, gen)
         blocks.append((packed, lut, b, idx.to(device)))
     return blocks
 
@@ -159,7 +147,7 @@ def correctness(device, quick):
             if quick and asm is False and bits != 3:
                 continue
             out_f = rows + 5 if "ridx" in extra or "out" in extra else rows
-            packed, lut = make_block(rows, cols, bits, device, ldt, gen)
+            packed, lut = random_lut_block(rows, cols, bits, device, ldt, gen)
             if asm and not tk.aligned_for_asm(lut, bits):
                 continue
             if asm == "sel" and (bits > 4 or ldt != torch.float16):

@@ -1,4 +1,5 @@
-"""Llama models in real shapes with random weights, for speed work (no download, no checkpoint).
+"""Llama models in real shapes with random weights, and random packed codebook blocks, for speed
+work (no download, no checkpoint).
 
 ``random_llama("llama2-7b")`` builds ``LlamaForCausalLM`` from a config with its parameters
 materialised straight on ``device`` in ``dtype``: N(0, 0.02) linears and embeddings, unit
@@ -57,3 +58,19 @@ def random_llama(shape: str = "llama2-7b", layers: int | None = None, dtype=torc
     model.to(device)  # buffers
     model.config.torch_dtype = dtype
     return model.eval()
+
+
+def random_lut_block(rows: int, cols: int, bits: int, device, lut_dtype=torch.float16, gen=None):
+    """Random bit-plane packed codes (rows x cols at ``bits``) and sorted random per-row codebooks
+    (fp16 values; ``lut_dtype`` fp32 gives an upcast copy). For whole chunks of 32 columns
+    uniformly random words are uniformly random codes; other column counts go through
+    ``pack_bitplanes`` (codes drawn from ``gen``)."""
+    if cols % 32 == 0:
+        packed = torch.randint(-2**31, 2**31, (rows, cols // 32 * bits), dtype=torch.int32, device=device)
+    else:
+        from anybit.formats.bitpack import pack_bitplanes
+
+        codes = torch.randint(0, 2**bits, (rows, cols), generator=gen)
+        packed = pack_bitplanes(codes, bits).to(device)
+    lut = (torch.randn(rows, 2**bits, device=device).sort(dim=1).values * 0.02).half()
+    return packed, lut.to(lut_dtype)
