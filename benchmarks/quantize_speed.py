@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
-from random_llama import random_llama  # noqa: E402
+from random_llama import llama_config, random_llama  # noqa: E402
 
 from anybit.formats.packed import pack_weight  # noqa: E402
 from anybit.methods import build_method  # noqa: E402
@@ -119,8 +119,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.nsamples, args.seqlen, args.device = "tiny", 4, 32, "cpu"
-    from random_llama import llama_config
-
     layers = args.layers or llama_config(args.shape).num_hidden_layers
     meta = {"date": datetime.date.today().isoformat(), "shape": args.shape, "layers": layers,
             "nsamples": args.nsamples, "seqlen": args.seqlen, "torch": torch.__version__,
