@@ -84,6 +84,15 @@ def make_matrix(out_f, in_f, width, device, lut_dtype, gen):
     return blocks
 
 
+def prepared_for(mats):
+    """The matrices with ``triton_bmma.prepare_block``'s operands as each block's fifth element
+    (what ``AnybitLinear`` keeps), so that timing the "bmma" mode leaves their making out."""
+    from anybit.kernels import triton_bmma
+
+    return [[(c, lut, b, r, triton_bmma.prepare_block(c, lut, b) if b <= triton_bmma.MAX_BITS else None)
+             for c, lut, b, r in m] for m in mats]
+
+
 def block_bytes(blocks, in_f, out_f, batch, elem):
     n = 0
     for codes, lut, _, ridx in blocks:
@@ -276,7 +285,8 @@ def main():
     ap.add_argument("--batches", default="", help="e.g. 1,16")
     ap.add_argument("--profile", action="store_true", help="only run a few kernels once (for ncu)")
     ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sweeps/cases are skipped")
-    ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP, e.g. "
+    ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: WR,STAGES,SPLIT as "
+                    "triton_bmma.config_for), e.g. "
                     "'fma:4,32,4,2,1,0,1;fma:4,32,4,2,2,0,1' (fields as triton_lut.config_for)")
     args = ap.parse_args()
     sweep_configs = SWEEP
@@ -349,7 +359,7 @@ def main():
             log(f"{row['shape']:>11} w={width:>4} b={batch:>2}: {row['us']:8.2f} us  fp16 {row['fp16_us']:8.2f} us"
                 f"  {gbs:7.0f} GB/s  {row['pct_copy']:5.1f}%  x{row['speedup']:.2f}  err {err:.1e}")
             if sweep_now and batch in (1, 2, 16):
-                plan = [(m, c, True) for m, c in sweep_configs if m == "fma" or batch > 1 or c[5] == 0]
+                plan = [(m, c, True) for m, c in sweep_configs if m in ("fma", "bmma") or batch > 1 or c[5] == 0]
                 if batch > 1:
                     plan = [p for p in plan if p[0] == "dot" or batch == 2]
                 if width != "3.25" and batch == 1 and not args.configs:
@@ -357,9 +367,10 @@ def main():
                 for mode, cfg, asm in plan:
                     try:
                         yy = torch.full_like(y, float("nan"))
-                        run_blocks(x, mats[0], yy, mode, cfg, asm)
+                        runs = prepared_for(mats) if mode == "bmma" else mats  # operands made once, untimed
+                        run_blocks(x, runs[0], yy, mode, cfg, asm)
                         e = check_case(x, mats[0], out_f, yy)
-                        t = bench_calls([lambda m=m: run_blocks(x, m, yy, mode, cfg, asm) for m in mats], device)
+                        t = bench_calls([lambda m=m: run_blocks(x, m, yy, mode, cfg, asm) for m in runs], device)
                     except Exception as ex:  # a config that does not compile or fit
                         log(f"    sweep {mode} {cfg} asm={asm}: {type(ex).__name__}: {str(ex)[:300]}")
                         continue

@@ -6,13 +6,11 @@ there is a GPU (skipped otherwise)."""
 from __future__ import annotations
 
 import os
-import sys
 
 if __name__ == "__main__":  # the interpreter worker (see ``interpreted_results``)
     os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
-import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,6 +18,7 @@ import torch  # noqa: E402
 from anybit.formats.bitpack import pack_bitplanes
 from anybit.kernels import lut_linear, lut_linear_blocks, lut_linear_ref
 from anybit.quant.qweight import QuantizedWeight
+from interpreted import worker_results  # noqa: E402
 
 TOL = 1e-3  # relative error, fp16
 
@@ -194,17 +193,7 @@ def case_id(c):
 @pytest.fixture(scope="module")
 def interpreted_results():
     """Every case run once under the interpreter, in one subprocess: {case id: error or ""}."""
-    triton = pytest.importorskip("triton")
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
-        # Seen with Triton 3.6: its interpreter raises TypeError ("only 0-dimensional arrays can
-        # be converted to Python scalars") in ``range`` over a kernel argument, in every kernel
-        # here. The compiled kernels are tested on CUDA below.
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; 3.9 can")
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads(lines[-1])
+    return worker_results(__file__, TRITON_DEFAULT_FP_FUSION="1")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -11,7 +11,8 @@ Public entry points:
   (out_features x in_features), or a (crow, col, values) tuple) adds ``x @ S^T`` on the raw x
   once the block is written -- pass it with one block only.
 - ``lut_linear_blocks(x, blocks, out_features, *, input_scale=None, outliers=None, out=None)``:
-  a mixed-width matrix as its width blocks ``(codes, lut, bits, row_index)``, all writing straight
+  a mixed-width matrix as its width blocks ``(codes, lut, bits, row_index)`` (a fifth element,
+  ``triton_bmma.prepare_block``'s operands, is passed on to ``launch_blocks``), all writing straight
   into one output: at batch 1 one launch for up to three blocks, else one per block; one more for
   the outliers.
 
@@ -101,14 +102,13 @@ def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features:
     if use_triton(x):
         lead, x2, y2 = _prepare(x, in_features, out, 0, 0, out_features)
         tk = _triton()
-        for codes, lut, bits, row_index in blocks:
+        for codes, lut, bits, _row_index, *_prepared in blocks:
             check_block(codes, lut, int(bits), in_features)
-        tk.launch_blocks(x2, [(codes, lut, int(bits), ridx) for codes, lut, bits, ridx in blocks], in_features, y2,
-                         input_scale)
+        tk.launch_blocks(x2, [(b[0], b[1], int(b[2]), *b[3:]) for b in blocks], in_features, y2, input_scale)
         if outliers is not None:
             tk.launch_outliers(x2, *csr_parts(outliers), y2)
         return out
-    for codes, lut, bits, row_index in blocks:
+    for codes, lut, bits, row_index, *_prepared in blocks:
         lut_linear_ref(x, codes, lut, int(bits), in_features, row_index, out, input_scale=input_scale)
     if outliers is not None:
         add_outliers_ref(x.reshape(-1, in_features), outliers, out.view(-1, out_features))

@@ -27,7 +27,8 @@ fp32 workspace that the kernel leaves zeroed). Code words are loaded a step or t
 Sparse outliers (``y += x @ S^T``, CSR) are added by ``_csr_add_kernel`` after the blocks.
 Every kernel here also runs under ``TRITON_INTERPRET=1`` on CPU tensors (with ``ASM`` off;
 Triton >= 3.9: 3.6's interpreter fails on them).
-Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
+``launch_blocks(mode="bmma")`` hands blocks of up to 4 bits to ``triton_bmma`` (binary tensor cores,
+no decoding; opt-in). Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -544,15 +545,17 @@ def _operands(x2, codes, lut, bits, use_asm, sel):
 
 def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | None = None,
                   config: tuple[int, ...] | None = None, use_asm: bool | None = None):
-    """Write the rows of every width block ``(codes, lut, bits, row_index)`` of one matrix into
-    y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding fp16 values
-    (rows_b, >= 2**bits); ``mode`` "fma" or "dot" (default: "fma" for one row of x, else "dot");
-    ``config`` overrides ``config_for``; ``use_asm`` (default: on CUDA when the codebook is
-    aligned) enables the PTX paths. FMA: up to three blocks with codebooks of one dtype share a
-    launch. Split-K (dot) launches share one workspace per device: do not run them concurrently
-    on several streams."""
+    """Write the rows of every width block ``(codes, lut, bits, row_index[, prepared])`` of one
+    matrix into y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding
+    fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot" or "bmma" (default: "fma" for one row
+    of x, else "dot"); ``config`` overrides ``config_for`` (for "bmma": ``triton_bmma.config_for``);
+    ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. FMA: up to
+    three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
+    cores, CUDA only) takes the blocks of up to 4 bits, ``prepared`` being their
+    ``triton_bmma.prepare_block`` (made per call when absent); wider blocks go to "fma". Split-K
+    launches share one workspace per device: do not run them concurrently on several streams."""
     M = x2.shape[0]
-    blocks = [b for b in blocks if b[0].shape[0]]
+    blocks = [tuple(b[:4]) + (b[4] if len(b) > 4 else None,) for b in blocks if b[0].shape[0]]
     if not blocks or M == 0:
         return y2
     if x2.stride(-1) != 1:
@@ -560,12 +563,19 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     if mode is None:
         mode = "fma" if M <= FMA_MAX_BATCH else "dot"
     scale = input_scale.contiguous() if input_scale is not None else None
+    if mode == "bmma":
+        from anybit.kernels import triton_bmma
+
+        narrow = [b for b in blocks if b[2] <= triton_bmma.MAX_BITS]
+        triton_bmma.launch(x2, narrow, in_features, y2, scale, config=config)
+        blocks = [b for b in blocks if b[2] > triton_bmma.MAX_BITS]
+        mode, config = "fma", None
     if mode == "dot":
-        for codes, lut, bits, row_index in blocks:
+        for codes, lut, bits, row_index, _ in blocks:
             _launch_dot(x2, codes, lut, bits, in_features, y2, row_index, scale, config, use_asm)
         return y2
     for lut32 in (False, True):
-        same = [b for b in blocks if (b[1].dtype == torch.float32) == lut32]
+        same = [b[:4] for b in blocks if (b[1].dtype == torch.float32) == lut32]
         for i in range(0, len(same), 3):
             _launch_fma(x2, same[i:i + 3], in_features, y2, scale, lut32, config, use_asm)
     return y2

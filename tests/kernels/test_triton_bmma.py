@@ -1,0 +1,125 @@
+"""Binary tensor-core LUT kernel (anybit.kernels.triton_bmma): its operands (subset coefficients,
+tiled codes), the x bit planes (Triton, run under the interpreter in a subprocess) with the
+kernel's arithmetic emulated in torch against the reference, and the Gluon kernel itself on CUDA
+when there is a GPU (skipped otherwise)."""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # the interpreter worker (see ``interpreted_errors``)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from anybit.formats.bitpack import pack_bitplanes  # noqa: E402
+from anybit.kernels import lut_linear_ref  # noqa: E402
+from interpreted import worker_results  # noqa: E402
+
+pytest.importorskip("triton")
+from anybit.kernels import triton_bmma as tb  # noqa: E402
+
+TOL = 1e-3  # relative error, fp16
+
+
+def rel_err(y, ref):
+    y, ref = y.double(), ref.double()
+    assert torch.isfinite(y).all(), "output has NaN/inf: some element was not written"
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def block(rows, cols, bits, gen):
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=gen)
+    lut = (torch.randn(rows, 2**bits, generator=gen) * 0.05).half()
+    return codes, pack_bitplanes(codes, bits), lut
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_subset_coefficients_rebuild_every_entry(bits):
+    gen = torch.Generator().manual_seed(bits)
+    lut = torch.randn(5, 2**bits + 3, generator=gen).half()  # extra columns are ignored
+    coef = tb.subset_coefficients(lut, bits).double()
+    for q in range(2**bits):
+        subsets = [t for t in range(2**bits) if t & q == t]
+        assert torch.allclose(coef[:, subsets].sum(1), lut[:, q].double(), atol=1e-6)
+
+
+def test_tile_codes_puts_each_word_where_the_kernel_reads_it():
+    gen = torch.Generator().manual_seed(0)
+    rows, cols, bits = 70, 300, 3
+    _, packed, _ = block(rows, cols, bits, gen)
+    tiled = tb.tile_codes(packed, bits)
+    kt = 2  # 10 chunks -> 2 mma tiles of 8
+    assert tiled.numel() == 128 * bits * kt * (128 // 16)  # rows padded to 128
+    for r, ch, p in [(0, 0, 0), (17, 9, 1), (69, 9, 2), (33, 4, 0)]:
+        idx = (((r // 16) * kt + ch // 8) * bits + p) * 128 + (r % 16) * 8 + ch % 8
+        assert tiled[idx].item() == packed[r, ch * bits + p].item()
+    assert int((tiled != 0).sum()) == int((packed != 0).sum())  # the rest is zero padding
+
+
+CASES = [  # (rows, cols, bits, batch, input_scale, x scale)
+    (37, 300, 3, 2, False, 3.0), (20, 513, 4, 1, True, 1.0), (9, 64, 1, 3, False, 1e-3),
+    (16, 1000, 2, 1, True, 50.0),
+]
+
+
+def emulated_error(rows, cols, bits, batch, with_scale, xscale):
+    gen = torch.Generator().manual_seed(rows * 7 + bits)
+    _, packed, lut = block(rows, cols, bits, gen)
+    x = (torch.randn(batch, cols, generator=gen) * xscale).half()
+    x[0, cols // 2] = 40 * xscale  # an outlier sets the fixed-point range
+    scale = (torch.rand(cols, generator=gen) + 0.5).half() if with_scale else None
+    xpl, xs = tb.x_planes(x, scale)
+    y = tb.emulate(xpl, xs, packed, tb.subset_coefficients(lut, bits), bits, cols)
+    ref = lut_linear_ref(x.float(), packed, lut, bits, cols, input_scale=None if scale is None else scale.float())
+    return rel_err(y, ref)
+
+
+@pytest.fixture(scope="module")
+def interpreted_errors():
+    """Every case's relative error with the planes made under the interpreter (subprocess)."""
+    return worker_results(__file__)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_planes_and_kernel_arithmetic_match_reference(interpreted_errors, case):
+    assert interpreted_errors[str(case)] < 1e-5  # x rounded to 24 bits: far below fp16's 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("widths,batch,extra", [
+    ((3,), 1, ""), ((4,), 1, "ridx"), ((1, 2), 2, "scale"), ((3, 4), 1, "bf16"), ((2, 8), 3, "ridx"),
+    ((3,), 1, "split1"),
+])
+def test_bmma_cuda_matches_reference(widths, batch, extra):
+    from anybit.kernels import triton_lut
+
+    gen = torch.Generator().manual_seed(len(widths) * 10 + batch)
+    rows, cols = 211, 1100
+    owner = torch.randint(0, len(widths), (rows,), generator=gen)
+    xdt = torch.bfloat16 if "bf16" in extra else torch.float16
+    out_f = rows + 5 if "ridx" in extra else rows
+    dest = torch.randperm(out_f, generator=gen)[:rows] if "ridx" in extra else torch.arange(rows)
+    scale = (torch.rand(cols, generator=gen) + 0.5).half() if "scale" in extra else None
+    x = torch.randn(batch, cols, generator=gen).to(xdt)
+    blocks, ref = [], torch.full((batch, out_f), float("nan"), dtype=xdt)
+    for i, bits in enumerate(widths):
+        members = (owner == i).nonzero().squeeze(1)
+        _, packed, lut = block(members.numel(), cols, bits, gen)
+        lut_linear_ref(x, packed, lut, bits, cols, dest[members], ref, input_scale=scale)
+        blocks.append((packed.cuda(), lut.cuda(), bits, dest[members].cuda()))
+    y = torch.full((batch, out_f), float("nan"), dtype=xdt, device="cuda")
+    config = (4, 4, 1) if "split1" in extra else None
+    triton_lut.launch_blocks(x.cuda(), blocks, cols, y, None if scale is None else scale.cuda(), mode="bmma",
+                             config=config)
+    written = torch.isfinite(ref)
+    got = y.cpu()
+    assert torch.isnan(got[~written]).all(), "rows outside row_index were written"
+    assert rel_err(got[written], ref[written]) < (TOL if xdt == torch.float16 else 1e-2)
+
+
+if __name__ == "__main__":
+    print(json.dumps({str(c): emulated_error(*c) for c in CASES}))
