@@ -10,16 +10,19 @@ The packed codes already are those bit planes (``anybit.formats.bitpack``: one i
 row, chunk of 32 columns and bit), and a mask is one AND of plane words. With x as 24-bit fixed
 point ``x = s_m * X``, ``X = sum_i w_i * bit_i(X)`` (two's complement: ``w_i = 2**i``, the sign
 plane ``-2**23``), the inner sums are ``s_m * sum_i w_i * popcount(mask_T AND xplane_i)``: one
-``mma.m16n8k256 .b1 .and.popc`` covers 16 rows x 256 columns x 8 planes, on the codes' words as
-stored. No weight is ever decoded, so the kernel reads codes at close to memory speed.
+``mma.m16n8k256 .b1 .and.popc`` covers 16 rows x 256 columns x 8 planes, on the codes' words
+(re-ordered once by ``tile_codes`` so that a warp's words of a tile are contiguous). No weight is
+ever decoded.
 
-Exactness: the popcounts are integers (int32 accumulators, exact); planes and their weights are
-combined in fp64 (exact below 2**53), then ``y = s_m * sum_T coef[r, T] * Y_T``. The only rounding
+Exactness: the popcounts are integers (int32 accumulators, exact); each group of 8 planes is
+weighted and summed in int32, the three group sums in fp64 (exact below 2**53), then
+``y = s_m * sum_T coef[r, T] * Y_T``. The only rounding
 is x to 24 bits against the row's largest |x| (``_xplanes_kernel``: ``s_m`` a power of two, so
 values within 2**13 of the largest keep every fp16 mantissa bit) and the fp32 coefficients.
 
 Work per 16 rows x 256 columns: ``2**b`` masks x 3 plane groups of 8 mma (b <= 3: one warp; 4 bits:
-two warps, 8 masks each). Widths 1..4 run here, wider blocks on ``triton_lut``'s FMA kernel.
+two warps, 8 masks each). Opt-in (``triton_lut.launch_blocks(mode="bmma")``); measurements and
+what limits it: benchmarks/KERNEL_NOTES.md. Widths 1..4 run here, wider blocks on ``triton_lut``'s FMA kernel.
 
 Two launches per call: ``_xplanes_kernel`` (portable Triton, also under the interpreter) writes the
 planes of x once for all blocks of a matrix, then the Gluon kernel (CUDA, sm_80+) one per block.
@@ -74,8 +77,9 @@ def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def prepare_block(codes: torch.Tensor, lut: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the kernel reads of a width block besides x: (subset coefficients, tiled codes). Worked
-    out once per block by callers that repeat it (``AnybitLinear`` keeps it with its operands)."""
+    """What the kernel reads of a width block besides x: (subset coefficients, tiled codes). A
+    caller that runs a block repeatedly makes it once and passes it with the block; the tiled
+    codes are a second copy of the codes."""
     return subset_coefficients(lut, bits), tile_codes(codes, bits)
 
 
@@ -226,8 +230,8 @@ if gluon is not None:
                      BITS: gl.constexpr, WR: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
                      HAS_RIDX: gl.constexpr):
         """Program (m, tile, s): rows [tile * 16 * WR, +16 * WR) of one width block, mma tiles
-        [s * TPS, (s + 1) * TPS) of the KT, row m of x; codes tiled by ``tile_codes``. Warps: WR along rows, 2**BITS / 8
-        along the masks (4 bits). SPLIT > 1: partial sums go to the fp32 workspace; the last
+        [s * TPS, (s + 1) * TPS) of the KT, row m of x; codes tiled by ``tile_codes``. Warps: WR
+        along rows, 2**BITS / 8 along the masks (4 bits). SPLIT > 1: partial sums go to the fp32 workspace; the last
         program of (m, tile) (ticket in ``sem``) writes y and zeroes them again."""
         T: gl.constexpr = 2**BITS
         WT: gl.constexpr = T // 8 if T > 8 else 1
@@ -241,8 +245,9 @@ if gluon is not None:
         ch = gl.arange(0, 8, layout=gl.SliceLayout(0, LW))
         # tiled codes (``tile_codes``): (16-row tile, mma tile, plane, 16 x 8 words row-major)
         tg = tile * WR + rl // 16
-        tptr = codes_ptr + gl.multiple_of(tg.to(gl.int64) * KT * BITS * 128 + (rl % 16) * 8, 8)[:, None] + ch[None, :]
-        tt = gl.arange(0, T, layout=gl.SliceLayout(1, LT))[:, None, None]
+        toff = gl.multiple_of(tg.to(gl.int64) * KT * BITS * 128 + (rl % 16) * 8, 8)
+        tptr = codes_ptr + toff[:, None] + ch[None, :]
+        tt = gl.arange(0, T, layout=gl.SliceLayout(1, LT))[:, None, None]  # the mask index
         xrow = xpl_ptr + m * stride_pm + ((rl % 16) // 2)[:, None] * NCP + ch[None, :]
         acc0 = gl.zeros([T, 16 * WR, 8], gl.int32, L3)
         acc1 = gl.zeros([T, 16 * WR, 8], gl.int32, L3)
@@ -280,7 +285,8 @@ if gluon is not None:
         ysum += gl.sum(acc2 * wsign, axis=2).to(gl.float64) * 65536.0  # (T, rows)
         rt = tile * (16 * WR) + gl.arange(0, 16 * WR, layout=gl.SliceLayout(0, LT))
         rtm = rt < R
-        coef = gl.load(coef_ptr + gl.where(rtm, rt, 0).to(gl.int64)[None, :] * T + gl.arange(0, T, layout=gl.SliceLayout(1, LT))[:, None])
+        tc = gl.arange(0, T, layout=gl.SliceLayout(1, LT))
+        coef = gl.load(coef_ptr + gl.where(rtm, rt, 0).to(gl.int64)[None, :] * T + tc[:, None])
         y = gl.sum(coef.to(gl.float64) * ysum, axis=0) * gl.load(xs_ptr + m).to(gl.float64)
         if HAS_RIDX:
             dst = gl.load(ridx_ptr + rt, mask=rtm, other=0)
@@ -304,7 +310,7 @@ if gluon is not None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def config_for(bits: int, rows: int, in_features: int, batch: int, sm_count: int) -> tuple[int, int, int]:
+def config_for(bits: int, rows: int) -> tuple[int, int, int]:
     """(WR, STAGES, SPLIT): warps along rows per program (times 2 for 4 bits), shared-memory stages
     of code words (STAGES - 1 mma tiles in flight), column splits (0: enough programs for about 4
     per multiprocessor). From H100 sweeps (benchmarks/KERNEL_NOTES.md): one warp per program for
@@ -332,7 +338,7 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
             continue
         prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
         coef, tiled = prepared
-        wr, stages, split = config or config_for(bits, R, in_features, M, sms)
+        wr, stages, split = config or config_for(bits, R)
         tiles = triton.cdiv(R, 16 * wr)
         ktiles = ncp // KTILE
         if split <= 0:
@@ -344,5 +350,6 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
         _bmma_kernel[(M, tiles, split)](
             xpl, xs, tiled, coef, row_index.contiguous() if has_ridx else tiled, y2, ws, sem,
             R, ktiles, ncp, tps, xpl.stride(0), y2.stride(0), R,
-            BITS=bits, WR=wr, STAGES=stages, SPLIT=split, HAS_RIDX=has_ridx, num_warps=wr * (2 if bits == 4 else 1))
+            BITS=bits, WR=wr, STAGES=stages, SPLIT=split, HAS_RIDX=has_ridx,
+            num_warps=wr * (2 if bits == 4 else 1))
     return y2
