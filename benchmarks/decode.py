@@ -22,6 +22,7 @@ Writes ``decode.json`` and ``decode.md`` to --out (default $OUT or the current d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -239,15 +240,52 @@ def measure(model, args, cuda: bool) -> dict:
     return row
 
 
+def _set_kernels_env(value: str | None) -> None:
+    if value is None:
+        os.environ.pop("ANYBIT_KERNELS", None)
+    else:
+        os.environ["ANYBIT_KERNELS"] = value
+
+
+@contextlib.contextmanager
+def kernels_env(value: str | None, model=None):
+    """ANYBIT_KERNELS set to ``value`` (None: unset) inside, restored after; with ``model``, its
+    block linears remake their cached kernel operands on entering and on leaving."""
+    old = os.environ.get("ANYBIT_KERNELS")
+    _set_kernels_env(value)
+    try:
+        if model is not None:
+            drop_kernel_operands(model)
+        yield
+    finally:
+        _set_kernels_env(old)
+        if model is not None:
+            drop_kernel_operands(model)
+
+
+def drop_kernel_operands(model) -> None:
+    for _, _, m in block_linears(model):
+        if isinstance(m, AnybitLinear):
+            m._kernel_operands = None
+
+
+def bmma_operand_bytes(model) -> int:
+    """GPU bytes of the binary tensor-core operands the block linears keep (after a forward)."""
+    total = 0
+    for _, _, m in block_linears(model):
+        for block in m._kernel_operands[1]["blocks"]:
+            total += sum(t.numel() * t.element_size() for t in block[4]) if len(block) > 4 else 0
+    return total
+
+
 def first_step_logits(model, args, fuse: bool = False, reference: bool = False) -> torch.Tensor:
     decoder = StaticDecoder(model, args.max_len, fuse=fuse)
     decoder.reset()
-    if reference:  # the pure-torch path: each linear decodes its whole weight, one dense matmul
-        os.environ["ANYBIT_KERNELS"] = "reference"
-    try:
+    if not reference:
         return decoder.step().float()
-    finally:
-        os.environ.pop("ANYBIT_KERNELS", None)
+    # the pure-torch path: each linear decodes its whole weight, one dense matmul
+    with kernels_env("reference"):
+        return decoder.step().float()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -266,6 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--bmma", action="store_true", help="also time every budget with ANYBIT_KERNELS=bmma (binary "
+                   "tensor-core kernel for batch 1; keeps a re-tiled copy of the codes, reported as extra_gib)")
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.device, args.steps, args.eager_steps, args.max_len = "tiny", "cpu", 4, 4, 16
@@ -290,12 +330,23 @@ def main(argv=None) -> int:
         row["speedup_vs_fp16"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.bmma and cuda:
+            with kernels_env("bmma", model):
+                plain = first_step_logits(model, args)
+                row = {"variant": f"anybit {budget}, bmma", "bits": rows[-1]["bits"],
+                       "block_linear_gib": rows[-1]["block_linear_gib"],
+                       "extra_gib": round(bmma_operand_bytes(model) / 2**30, 3), **measure(model, args, cuda),
+                       "logits_rel_err_vs_reference": rel_err(plain, first_step_logits(model, args, reference=True))}
+            row["speedup_vs_fp16"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     lines = [f"Decode, batch 1, {meta['shape']} ({meta['layers']} blocks), static cache {args.max_len}, "
              f"{meta['device_name']}, {meta['date']}", "",
              "| variant | honest bits | block linears | tokens/s | x fp16 | tokens/s, graph without fusion | "
              "tokens/s, eager |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['bits']} | {r['block_linear_gib']} GiB | {r['tokens_per_s']} | "
+        extra = f" + {r['extra_gib']} GiB bmma operands" if "extra_gib" in r else ""
+        lines.append(f"| {r['variant']} | {r['bits']} | {r['block_linear_gib']} GiB{extra} | {r['tokens_per_s']} | "
                      f"{r.get('speedup_vs_fp16', 1.0)} | {r.get('tokens_per_s_graph_unfused', '-')} | "
                      f"{r['tokens_per_s_eager']} |")
     text = "\n".join(lines) + "\n"

@@ -285,13 +285,13 @@ def main():
     ap.add_argument("--batches", default="", help="e.g. 1,16")
     ap.add_argument("--profile", action="store_true", help="only run a few kernels once (for ncu)")
     ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sweeps/cases are skipped")
-    ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: WR,STAGES,SPLIT as "
-                    "triton_bmma.config_for), e.g. "
+    ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: warps,STAGES as "
+                    "triton_bmma.launch, empty for its rule), e.g. "
                     "'fma:4,32,4,2,1,0,1;fma:4,32,4,2,2,0,1' (fields as triton_lut.config_for)")
     args = ap.parse_args()
     sweep_configs = SWEEP
     if args.configs:
-        sweep_configs = [(c.split(":")[0], tuple(int(v) for v in c.split(":")[1].split(",")))
+        sweep_configs = [(c.split(":")[0], tuple(int(v) for v in c.split(":")[1].split(",") if v))
                          for c in args.configs.split(";")]
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     os.makedirs(args.out, exist_ok=True)

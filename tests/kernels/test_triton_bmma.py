@@ -55,9 +55,22 @@ def test_tile_codes_puts_each_word_where_the_kernel_reads_it():
     kt = 2  # 10 chunks -> 2 mma tiles of 8
     assert tiled.numel() == 128 * bits * kt * (128 // 16)  # rows padded to 128
     for r, ch, p in [(0, 0, 0), (17, 9, 1), (69, 9, 2), (33, 4, 0)]:
-        idx = (((r // 16) * kt + ch // 8) * bits + p) * 128 + (r % 16) * 8 + ch % 8
+        idx = (((r // 16) * kt + ch // 8) * bits + p) * 128 + ((r % 2) * 8 + (r % 16) // 2) * 8 + ch % 8
         assert tiled[idx].item() == packed[r, ch * bits + p].item()
     assert int((tiled != 0).sum()) == int((packed != 0).sum())  # the rest is zero padding
+
+
+def test_warps_split_k_only_for_small_grids():
+    """K is split over a program's warps only while the launch stays small and every warp keeps
+    >= 8 mma tiles; 4-bit blocks take 2 warps for their 16 masks, and a 3-bit partner the same."""
+    assert tb.warps_for([(3, 28672)], 16, 1) == 1  # 1792 row tiles: one warp each
+    assert tb.warps_for([(3, 4096)], 16, 1) == 2  # 256 tiles, 16 mma tiles: 2 x 8
+    assert tb.warps_for([(3, 4096)], 43, 1) == 4
+    assert tb.warps_for([(3, 4096)], 43, 4) == 1  # batch 4: enough programs already
+    assert tb.warps_for([(3, 3072), (4, 1024)], 16, 1) == 4  # 3-bit: K over 4 warps, 4-bit: 2
+    assert tb.warps_for([(3, 8256), (4, 2752)], 16, 1) == 2
+    for ktiles in (1, 4, 16, 56):
+        assert 1 <= tb.warps_for([(2, 100)], ktiles, 1) <= tb.MAX_KSPLIT
 
 
 CASES = [  # (rows, cols, bits, batch, input_scale, x scale)
@@ -91,8 +104,8 @@ def test_planes_and_kernel_arithmetic_match_reference(interpreted_errors, case):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("widths,batch,extra", [
-    ((3,), 1, ""), ((4,), 1, "ridx"), ((1, 2), 2, "scale"), ((3, 4), 1, "bf16"), ((2, 8), 3, "ridx"),
-    ((3,), 1, "split1"),
+    ((3,), 1, ""), ((4,), 1, "ridx"), ((1, 2, 3), 2, "scale"), ((3, 4), 1, "bf16"), ((2, 8), 3, "ridx"),
+    ((3,), 1, "ks8"), ((4,), 2, "ks2"),
 ])
 def test_bmma_cuda_matches_reference(widths, batch, extra):
     from anybit.kernels import triton_lut
@@ -112,7 +125,7 @@ def test_bmma_cuda_matches_reference(widths, batch, extra):
         lut_linear_ref(x, packed, lut, bits, cols, dest[members], ref, input_scale=scale)
         blocks.append((packed.cuda(), lut.cuda(), bits, dest[members].cuda()))
     y = torch.full((batch, out_f), float("nan"), dtype=xdt, device="cuda")
-    config = (4, 4, 1) if "split1" in extra else None
+    config = {"ks8": (8, 2), "ks2": (4, 3)}.get(extra)  # (warps, STAGES); else the rule
     triton_lut.launch_blocks(x.cuda(), blocks, cols, y, None if scale is None else scale.cuda(), mode="bmma",
                              config=config)
     written = torch.isfinite(ref)

@@ -122,3 +122,26 @@ def test_kernel_operands_follow_weights_loaded_in_place(monkeypatch):
     first(x)  # fills the cache
     first.load_state_dict(second.state_dict())
     assert torch.allclose(first(x), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_bmma_operands_kept_when_requested(monkeypatch, device):
+    """ANYBIT_KERNELS=bmma: blocks of up to 4 bits carry the binary tensor-core operands and the
+    product is unchanged (on CUDA the Gluon kernel runs them at batch 1 and 2, wider blocks the
+    FMA / dot kernels; on the CPU the kernels' reference stands in)."""
+    import anybit.kernels as kernels
+
+    q = with_extras(random_lut(40, 300, 0, seed=3), seed=3)
+    module = AnybitLinear.from_quantized(q).to(device)
+    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(3)).to(device)
+    dense = torch.nn.functional.linear(x, module.dequantize(torch.float32))
+    monkeypatch.setenv("ANYBIT_KERNELS", "bmma")
+    if device == "cpu":
+        monkeypatch.setattr(linear_module, "_kernels", lambda: kernels)
+        monkeypatch.setattr(AnybitLinear, "uses_kernel", lambda self, x: True)
+    for batch in (1, 2):
+        err = float((module(x[:batch]) - dense[:batch]).norm() / dense[:batch].norm())
+        assert err < 1e-3, err  # the kernels' tolerance (fp16 products in the FMA kernel)
+    kept = {b[2]: len(b) > 4 for b in module.kernel_operands()["blocks"]}
+    assert kept and all(has == (bits <= 4) for bits, has in kept.items()), kept

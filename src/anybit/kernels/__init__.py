@@ -18,7 +18,8 @@ Public entry points:
 
 On CUDA tensors these run the Triton kernels (``triton_lut``); elsewhere, or with
 ``ANYBIT_KERNELS=reference`` in the environment, the pure-torch reference (``reference``), which
-is the same function. Activations fp16, bf16 or fp32; accumulation in fp32. For batch-1
+is the same function. ``ANYBIT_KERNELS=bmma`` makes ``AnybitLinear`` keep the binary tensor-core
+operands for decoding (``bmma_requested``). Activations fp16, bf16 or fp32; accumulation in fp32. For batch-1
 decoding capture the model in a CUDA graph, as the benchmarks do (benchmarks/kernels.py,
 benchmarks/decode.py), or Python launch overhead dominates.
 """
@@ -54,6 +55,13 @@ def use_triton(x: torch.Tensor) -> bool:
     if os.environ.get("ANYBIT_KERNELS", "").lower() == "reference":
         return False
     return x.is_cuda and triton_available()
+
+
+def bmma_requested() -> bool:
+    """``ANYBIT_KERNELS=bmma``: quantized linears keep the binary tensor-core kernel's operands
+    (``triton_bmma.prepare_block``: a second, re-tiled copy of the codes on the GPU) and use that
+    kernel for batches of up to ``triton_lut.BMMA_MAX_BATCH`` rows: faster decoding for more memory."""
+    return os.environ.get("ANYBIT_KERNELS", "").lower() == "bmma"
 
 
 def _triton():

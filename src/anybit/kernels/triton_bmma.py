@@ -21,12 +21,16 @@ is x to 24 bits against the row's largest |x| (``_xplanes_kernel``: ``s_m`` a po
 values within 2**13 of the largest keep every fp16 mantissa bit) and the fp32 coefficients.
 
 Work per 16 rows x 256 columns: ``2**b`` masks x 3 plane groups of 8 mma (b <= 3: one warp; 4 bits:
-two warps, 8 masks each). Opt-in (``triton_lut.launch_blocks(mode="bmma")``); measurements and
-what limits it: benchmarks/KERNEL_NOTES.md. Widths 1..4 run here, wider blocks on ``triton_lut``'s FMA kernel.
+two warps, 8 masks each); a program's warps may also split K (``warps_for``), summing in shared
+memory at the end. Widths 1..4 run here, wider blocks on ``triton_lut``'s kernels. Used by
+``triton_lut.launch_blocks`` for up to 2 rows of x when the blocks come with ``prepare_block``'s
+operands (``AnybitLinear`` keeps them under ``ANYBIT_KERNELS=bmma``: the re-tiled codes are a
+second copy), or with ``mode="bmma"``; measurements and what limits it: benchmarks/KERNEL_NOTES.md.
 
-Two launches per call: ``_xplanes_kernel`` (portable Triton, also under the interpreter) writes the
-planes of x once for all blocks of a matrix, then the Gluon kernel (CUDA, sm_80+) one per block.
-``emulate`` is the same arithmetic in torch, for checks without a GPU.
+Two launches per call for up to two width blocks: ``_xplanes_kernel`` (portable Triton, also
+under the interpreter) writes the planes of x once for all blocks of a matrix, then the Gluon
+kernel (CUDA, sm_80+) runs both blocks' row tiles. ``emulate`` is the same arithmetic in torch,
+for checks without a GPU.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ except Exception:  # pragma: no cover - older Triton: the FMA kernels serve ever
 PLANES = 24  # fixed-point bits of x; 3 groups of 8 mma columns
 MAX_BITS = 4  # widths served here
 KTILE = 8  # chunks of 32 columns per mma (256 columns)
+# 128 registers a thread (no spills, checked in the SASS) let 4 warps share a scheduler's register
+# file instead of 3 (142 when free): a third more warps in flight, and one wave where it was 1.13.
+MAX_REGISTERS = 128
 
 
 def available() -> bool:
@@ -65,15 +72,17 @@ def subset_coefficients(lut: torch.Tensor, bits: int) -> torch.Tensor:
 
 def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """The codes' words as the kernel reads them: flat int32 over (16-row tile, mma tile of 8
-    chunks, plane, 16 rows x 8 chunks row-major), rows padded to 64 and chunks to 8 with zeros,
-    so that a warp's words of one mma tile and plane are 512 contiguous bytes."""
+    chunks, plane, 16 rows x 8 chunks row-major with the tile's even rows first), rows padded to
+    64 and chunks to 8 with zeros. A thread's words are rows 2g + i, chunks 2t + j (lane 4g + t):
+    for each i the warp's 32 pairs (j = 0, 1) are 256 contiguous bytes, one coalesced 8-byte load."""
     rows, words = codes.shape
     nchunk = words // bits
     kt = -(-nchunk // KTILE)
     r64 = -(-rows // 64) * 64
     t = torch.zeros(r64, kt * KTILE, bits, dtype=torch.int32, device=codes.device)
     t[:rows, :nchunk] = codes.view(rows, nchunk, bits)
-    return t.view(r64 // 16, 16, kt, KTILE, bits).permute(0, 2, 4, 1, 3).contiguous().view(-1)
+    t = t.view(r64 // 16, 8, 2, kt, KTILE, bits)  # row 2g + i of a tile: (g, i)
+    return t.permute(0, 3, 5, 2, 1, 4).contiguous().view(-1)
 
 
 def prepare_block(codes: torch.Tensor, lut: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +92,13 @@ def prepare_block(codes: torch.Tensor, lut: torch.Tensor, bits: int) -> tuple[to
     return subset_coefficients(lut, bits), tile_codes(codes, bits)
 
 
+MAX_KSPLIT = 8  # warps along K per program: x planes are padded to a multiple of this many mma tiles
+
+
 def plane_chunks(in_features: int) -> int:
-    """Chunks of 32 columns per plane of x, padded to whole mma tiles (zeros past in_features)."""
-    return -(-in_features // (32 * KTILE)) * KTILE
+    """Chunks of 32 columns per plane of x, padded to a multiple of MAX_KSPLIT mma tiles (zeros past
+    in_features), so that every warp along K of a program has a tile to read."""
+    return -(-in_features // (32 * KTILE * MAX_KSPLIT)) * KTILE * MAX_KSPLIT
 
 
 # ----------------------------------------------------------------------------- x -> bit planes
@@ -94,8 +107,8 @@ def plane_chunks(in_features: int) -> int:
 @triton.jit
 def _xplanes_kernel(x_ptr, scale_ptr, xpl_ptr, xs_ptr, K, NCP, stride_xm, stride_pm,
                     HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, CB: tl.constexpr):
-    """Planes of x row m for chunks [pid * CB, (pid + 1) * CB): ``xpl[m, i, c]`` bit i of
-    ``X = round(x / s_m)`` at columns 32c..32c+31, ``s_m = 2**(e - 23)`` with ``max|x| < 2**e``
+    """Planes of x row m for chunks [pid * CB, (pid + 1) * CB): ``xpl[m, c // 8, i, c % 8]`` bit i
+    of ``X = round(x / s_m)`` at columns 32c..32c+31 (an mma tile's 24 x 8 words contiguous), ``s_m = 2**(e - 23)`` with ``max|x| < 2**e``
     (every program finds the row's max; it reads the row from L2)."""
     m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -125,16 +138,17 @@ def _xplanes_kernel(x_ptr, scale_ptr, xpl_ptr, xs_ptr, K, NCP, stride_xm, stride
     plane = tl.arange(0, 32)
     bit = (q[None, :, :] >> plane[:, None, None]) & 1  # (32 planes, CB, 32 columns)
     words = tl.sum((bit << lane[None, None, :]).to(tl.uint32), axis=2)  # disjoint bits: sum = OR
-    dst = xpl_ptr + m * stride_pm + plane[:, None] * NCP + ch[None, :]
+    dst = xpl_ptr + m * stride_pm + (ch // 8 * (8 * 24))[None, :] + plane[:, None] * 8 + (ch % 8)[None, :]
     tl.store(dst, words.to(tl.int32, bitcast=True), mask=(plane[:, None] < 24) & (ch[None, :] < NCP))
 
 
 def x_planes(x2: torch.Tensor, input_scale: torch.Tensor | None = None):
-    """(planes int32 (M, 24, plane_chunks(K)), scales fp32 (M,)) of x2 (M, K) (divided by
-    ``input_scale`` per column when given): ``x2 / input_scale ~= scales[:, None] * X``."""
+    """(planes int32 (M, mma tiles, 24, 8), scales fp32 (M,)) of x2 (M, K) (divided by
+    ``input_scale`` per column when given): ``x2 / input_scale ~= scales[:, None] * X``, plane i of
+    columns 32c..32c+31 in ``planes[:, c // 8, i, c % 8]``."""
     M, K = x2.shape
     ncp = plane_chunks(K)
-    xpl = torch.empty(M, PLANES, ncp, dtype=torch.int32, device=x2.device)
+    xpl = torch.empty(M, ncp // KTILE, PLANES, KTILE, dtype=torch.int32, device=x2.device)
     xs = torch.empty(M, dtype=torch.float32, device=x2.device)
     if M == 0:
         return xpl, xs
@@ -164,6 +178,7 @@ def emulate(xpl, xs, codes, coef, bits: int, in_features: int) -> torch.Tensor:
     from anybit.formats.bitpack import unpack_bitplanes
 
     q = unpack_bitplanes(codes, bits, in_features).long()  # (rows, K)
+    xpl = xpl.permute(0, 2, 1, 3).reshape(xpl.shape[0], PLANES, -1)  # (M, 24, chunks)
     cols = torch.arange(in_features, device=xpl.device)
     xbits = (xpl.long()[:, :, cols // 32] >> (cols % 32)) & 1  # (M, 24, K)
     X = (xbits.double() * plane_weights(xpl.device)[None, :, None]).sum(1)  # (M, K), exact
@@ -180,176 +195,206 @@ if gluon is not None:
     # Each thread holds a 2 x 2 block of a (rows, chunks) tile: rows 2g, 2g + 1, chunks 2t, 2t + 1
     # (lane 4g + t). The mma's row g is our row 2g, its row g + 8 our row 2g + 1, its 32-column
     # segments t and t + 4 our chunks 2t and 2t + 1 (any order of rows and segments works if A and
-    # B agree): registers (2g, 2t), (2g, 2t+1), (2g+1, 2t), (2g+1, 2t+1) are a0, a2, a1, a3. B holds
-    # plane g of chunks 2t, 2t + 1 in the same places, and D (row, plane 2t + j) at chunk column
-    # 2t + j: an accumulator element (r, c) counts row r against plane c of its group of 8.
-    _BMMA_ASM = gl.constexpr("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-                             "{$0,$1,$2,$3}, {$4,$6,$5,$7}, {$8,$9}, {$12,$13,$14,$15};")
+    # B agree): registers (2g, 2t), (2g, 2t+1), (2g+1, 2t), (2g+1, 2t+1) are a0, a2, a1, a3. B, plane
+    # g of chunks 2t, 2t + 1, is the x tensor's registers (2g, .) ("lo") or (2g + 1, .) ("hi"): one
+    # load brings two plane groups. D (row, plane 2t + j) sits at chunk column 2t + j: an
+    # accumulator element (r, c) counts row r against plane c of its group of 8.
+    _BMMA_LO = gl.constexpr("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+                            "{$0,$1,$2,$3}, {$4,$6,$5,$7}, {$8,$9}, {$12,$13,$14,$15};")
+    _BMMA_HI = gl.constexpr("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+                            "{$0,$1,$2,$3}, {$4,$6,$5,$7}, {$10,$11}, {$12,$13,$14,$15};")
 
     @gluon.jit
-    def _bmma(masks, xw, acc):
-        return gl.inline_asm_elementwise(_BMMA_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [masks, xw, acc],
+    def _bmma(masks, xw, acc, ASM: gl.constexpr):
+        return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [masks, xw, acc],
                                          dtype=gl.int32, is_pure=True, pack=4)
 
     @gluon.jit
     def _masks(w0, w1, w2, w3, tt, BITS: gl.constexpr):
-        """(T, R, 8) mask words: AND of the planes p in T (tt: the T index, (T, 1, 1))."""
-        m = w0[None, :, :] | (((tt >> 0) & 1) - 1)
+        """(KS, T, R, 8) mask words: AND of the planes p in T (tt: the T index, (1, T, 1, 1))."""
+        m = w0[:, None, :, :] | (((tt >> 0) & 1) - 1)
         if BITS > 1:
-            m = m & (w1[None, :, :] | (((tt >> 1) & 1) - 1))
+            m = m & (w1[:, None, :, :] | (((tt >> 1) & 1) - 1))
         if BITS > 2:
-            m = m & (w2[None, :, :] | (((tt >> 2) & 1) - 1))
+            m = m & (w2[:, None, :, :] | (((tt >> 2) & 1) - 1))
         if BITS > 3:
-            m = m & (w3[None, :, :] | (((tt >> 3) & 1) - 1))
+            m = m & (w3[:, None, :, :] | (((tt >> 3) & 1) - 1))
         return m
 
+    @gluon.constexpr_function
+    def _word_layout(ks):
+        """Shared memory of (warp along K, 16 rows, 8 chunks) words in the tiled order
+        (``tile_codes``: even rows first): a warp's copy of 32 word pairs and its reads of them
+        are 256 contiguous bytes each, free of bank conflicts (row-major order puts rows 2g and
+        2g + 4 on the same banks: 4-way conflicts, measured as MIO throttling)."""
+        bases = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 2, 0], [0, 4, 0], [0, 8, 0], [0, 1, 0]]
+        return gl.SharedLinearLayout(bases + [[1 << b, 0, 0] for b in range(ks.bit_length() - 1)])
+
     @gluon.jit
-    def _issue_words(smem, stage, tptr, kt, BITS: gl.constexpr):
-        """Start copying the BITS plane words (rows, 8 chunks) of mma tile ``kt`` into ``stage``."""
+    def _issue_stage(smem, xsm, stage, tptr, x01, x2p, kt, KT, KTP, BITS: gl.constexpr):
+        """Start copying the plane words (KS, rows, 8 chunks) of mma tiles ``kt`` (one per warp
+        along K, (KS, 1, 1)) and their x planes (as the kernel's x01 and x2 tensors) into
+        ``stage``. Tiles past the matrix read its last tile again (x planes past KT are zero)."""
+        kc = gl.minimum(kt, KT - 1)
         for p in gl.static_range(BITS):
-            async_copy.async_copy_global_to_shared(smem.index(stage * BITS + p), tptr + (kt * BITS + p) * 128)
+            async_copy.async_copy_global_to_shared(smem.index(stage * BITS + p), tptr + (kc * BITS + p) * 128)
+        kx = gl.minimum(kt, KTP - 1) * (24 * 8)
+        async_copy.async_copy_global_to_shared(xsm.index(stage * 2), x01 + kx)
+        async_copy.async_copy_global_to_shared(xsm.index(stage * 2 + 1), x2p + kx)
         async_copy.commit_group()
 
     @gluon.jit
-    def _stage_words(smem, stage, LW: gl.constexpr, BITS: gl.constexpr):
-        w0 = smem.index(stage * BITS).load(LW)
-        w1 = w0
-        w2 = w0
-        w3 = w0
-        if BITS > 1:
-            w1 = smem.index(stage * BITS + 1).load(LW)
-        if BITS > 2:
-            w2 = smem.index(stage * BITS + 2).load(LW)
-        if BITS > 3:
-            w3 = smem.index(stage * BITS + 3).load(LW)
-        return w0, w1, w2, w3
-
-    @gluon.jit
-    def _bmma_kernel(xpl_ptr, xs_ptr, codes_ptr, coef_ptr, ridx_ptr, y_ptr, ws_ptr, sem_ptr,
-                     R, KT, NCP, TPS, stride_pm, stride_ym, WS_STRIDE,
-                     BITS: gl.constexpr, WR: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
-                     HAS_RIDX: gl.constexpr):
-        """Program (m, tile, s): rows [tile * 16 * WR, +16 * WR) of one width block, mma tiles
-        [s * TPS, (s + 1) * TPS) of the KT, row m of x; codes tiled by ``tile_codes``. Warps: WR
-        along rows, 2**BITS / 8 along the masks (4 bits). SPLIT > 1: partial sums go to the fp32 workspace; the last
-        program of (m, tile) (ticket in ``sem``) writes y and zeroes them again."""
+    def _bmma_rows(m, tile, xpl_ptr, xs_ptr, codes_ptr, coef_ptr, ridx_ptr, y_ptr, R, KT, KTP, stride_pm,
+                   stride_ym, BITS: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr, HAS_RIDX: gl.constexpr):
+        """Rows [tile * 16, +16) of one width block against row m of x: codes tiled by
+        ``tile_codes``, x planes padded with zeros to KTP mma tiles (a multiple of KS). Warps: KS
+        along K (warp k takes mma tiles k, k + KS, ...; their sums meet in shared memory at the
+        end, no workspace), 2**BITS / 8 along the masks (4 bits)."""
         T: gl.constexpr = 2**BITS
         WT: gl.constexpr = T // 8 if T > 8 else 1
-        L3: gl.constexpr = gl.BlockedLayout([1, 2, 2], [1, 8, 4], [WT, WR, 1], [2, 1, 0])
-        LW: gl.constexpr = gl.SliceLayout(0, L3)  # (rows, chunks): code and plane words
-        LT: gl.constexpr = gl.SliceLayout(2, L3)  # (T, rows): sums per mask
-        m = gl.program_id(0)
-        tile = gl.program_id(1)
-        s = gl.program_id(2)
-        rl = gl.arange(0, 16 * WR, layout=gl.SliceLayout(1, LW))
-        ch = gl.arange(0, 8, layout=gl.SliceLayout(0, LW))
-        # tiled codes (``tile_codes``): (16-row tile, mma tile, plane, 16 x 8 words row-major)
-        tg = tile * WR + rl // 16
-        toff = gl.multiple_of(tg.to(gl.int64) * KT * BITS * 128 + (rl % 16) * 8, 8)
-        tptr = codes_ptr + toff[:, None] + ch[None, :]
-        tt = gl.arange(0, T, layout=gl.SliceLayout(1, LT))[:, None, None]  # the mask index
-        xrow = xpl_ptr + m * stride_pm + ((rl % 16) // 2)[:, None] * NCP + ch[None, :]
-        acc0 = gl.zeros([T, 16 * WR, 8], gl.int32, L3)
-        acc1 = gl.zeros([T, 16 * WR, 8], gl.int32, L3)
-        acc2 = gl.zeros([T, 16 * WR, 8], gl.int32, L3)
-        kb = s * TPS
-        ke = gl.minimum(kb + TPS, KT)
-        # code words of the next STAGES - 1 tiles are in flight while a tile is multiplied (latency x
-        # bandwidth), copied to shared memory without holding registers.
-        smem = gl.allocate_shared_memory(gl.int32, [STAGES * BITS, 16 * WR, 8],
-                                         gl.SwizzledSharedLayout(2, 1, 1, [1, 0]))
-        for i in gl.static_range(STAGES - 1):
-            _issue_words(smem, i, tptr, gl.minimum(kb + i, KT - 1), BITS)
+        L4: gl.constexpr = gl.BlockedLayout([1, 1, 2, 2], [1, 1, 8, 4], [KS, WT, 1, 1], [3, 2, 1, 0])
+        LW: gl.constexpr = gl.SliceLayout(1, L4)  # (KS, rows, chunks): code and plane words
+        LT: gl.constexpr = gl.SliceLayout(3, L4)  # (KS, T, rows): sums per mask
+        LC: gl.constexpr = gl.SliceLayout(0, LT)  # (T, rows): coefficients
+        ks = gl.arange(0, KS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))[:, None, None]
+        rl = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))
+        ch = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))[None, None, :]
+        # tiled codes (``tile_codes``): (16-row tile, mma tile, plane, 16 x 8 words, even rows first)
+        inner = gl.multiple_of(((rl % 2) * 8 + rl // 2) * 8, 8)
+        tptr = codes_ptr + tile.to(gl.int64) * KT * BITS * 128 + inner[None, :, None] + ch
+        tt = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, LT)))[None, :, None, None]
+        # x planes (``x_planes``): an mma tile's 24 x 8 words; rows 2g, 2g + 1 of the x01 tensor
+        # hold planes g, 8 + g (groups 0 and 1), x2's both plane 16 + g
+        xbase = xpl_ptr + m * stride_pm
+        x01 = xbase + inner[None, :, None] + ch
+        x2p = xbase + gl.multiple_of((16 + rl // 2) * 8, 8)[None, :, None] + ch
+        # the rows' coefficients travel with the first stage, so the end waits on no load
+        rt = tile * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, LC))
+        rtm = rt < R
+        tc = gl.arange(0, T, layout=gl.SliceLayout(1, LC))
+        sl: gl.constexpr = _word_layout(KS)
+        csm = gl.allocate_shared_memory(gl.float32, [T, 16], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        async_copy.async_copy_global_to_shared(csm, coef_ptr + gl.where(rtm, rt, 0).to(gl.int64)[None, :] * T
+                                               + tc[:, None], mask=rtm[None, :])
+        # code words and x planes of the next STAGES - 1 steps are in flight while a step is
+        # multiplied (latency x bandwidth), copied to shared memory without holding registers.
+        smem = gl.allocate_shared_memory(gl.int32, [STAGES * BITS, KS, 16, 8], sl)
+        xsm = gl.allocate_shared_memory(gl.int32, [STAGES * 2, KS, 16, 8], sl)
+        for i in gl.static_range(STAGES - 1):  # the coefficients join the first group
+            _issue_stage(smem, xsm, i, tptr, x01, x2p, i * KS + ks, KT, KTP, BITS)
+        acc0 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
+        acc1 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
+        acc2 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
         stage = 0
-        for kt in range(kb, ke):
+        for it in range(0, gl.cdiv(KT, KS)):
             nxt = (stage + STAGES - 1) % STAGES
-            _issue_words(smem, nxt, tptr, gl.minimum(kt + STAGES - 1, KT - 1), BITS)
+            _issue_stage(smem, xsm, nxt, tptr, x01, x2p, (it + STAGES - 1) * KS + ks, KT, KTP, BITS)
             async_copy.wait_group(STAGES - 1)
-            w0, w1, w2, w3 = _stage_words(smem, stage, LW, BITS)
-            x0 = gl.load(xrow + kt * 8)
-            x1 = gl.load(xrow + 8 * NCP + kt * 8)
-            x2 = gl.load(xrow + 16 * NCP + kt * 8)
+            w0 = smem.index(stage * BITS).load(LW)
+            w1 = w0
+            w2 = w0
+            w3 = w0
+            if BITS > 1:
+                w1 = smem.index(stage * BITS + 1).load(LW)
+            if BITS > 2:
+                w2 = smem.index(stage * BITS + 2).load(LW)
+            if BITS > 3:
+                w3 = smem.index(stage * BITS + 3).load(LW)
+            xa = xsm.index(stage * 2).load(LW)[:, None, :, :]
+            xb = xsm.index(stage * 2 + 1).load(LW)[:, None, :, :]
             mk = _masks(w0, w1, w2, w3, tt, BITS)
-            acc0 = _bmma(mk, x0[None, :, :], acc0)
-            acc1 = _bmma(mk, x1[None, :, :], acc1)
-            acc2 = _bmma(mk, x2[None, :, :], acc2)
+            acc0 = _bmma(mk, xa, acc0, _BMMA_LO)
+            acc1 = _bmma(mk, xa, acc1, _BMMA_HI)
+            acc2 = _bmma(mk, xb, acc2, _BMMA_LO)
             stage = (stage + 1) % STAGES
+        async_copy.wait_group(0)
         # accumulator column c of group j counts plane 8j + c (weight 2**(8j + c), the sign plane
         # -2**23): each group sums exactly in int32 (counts <= K < 2**16, times < 2**8), the three
-        # group sums in fp64 (exact below 2**53).
-        c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-        wc = (1 << c)[None, None, :]
-        wsign = gl.where(c == 7, -128, 1 << c)[None, None, :]
-        ysum = gl.sum(acc0 * wc, axis=2).to(gl.float64)
-        ysum += gl.sum(acc1 * wc, axis=2).to(gl.float64) * 256.0
-        ysum += gl.sum(acc2 * wsign, axis=2).to(gl.float64) * 65536.0  # (T, rows)
-        rt = tile * (16 * WR) + gl.arange(0, 16 * WR, layout=gl.SliceLayout(0, LT))
-        rtm = rt < R
-        tc = gl.arange(0, T, layout=gl.SliceLayout(1, LT))
-        coef = gl.load(coef_ptr + gl.where(rtm, rt, 0).to(gl.int64)[None, :] * T + tc[:, None])
+        # group sums in fp64 (exact below 2**53), then the warps along K in shared memory.
+        c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+        wc = (1 << c)[None, None, None, :]
+        wsign = gl.where(c == 7, -128, 1 << c)[None, None, None, :]
+        ysum = gl.sum(acc0 * wc, axis=3).to(gl.float64)
+        ysum += gl.sum(acc1 * wc, axis=3).to(gl.float64) * 256.0
+        ysum += gl.sum(acc2 * wsign, axis=3).to(gl.float64) * 65536.0  # (KS, T, rows)
+        ysum = gl.sum(ysum, axis=0)  # (T, rows)
+        coef = csm.load(LC)
         y = gl.sum(coef.to(gl.float64) * ysum, axis=0) * gl.load(xs_ptr + m).to(gl.float64)
         if HAS_RIDX:
             dst = gl.load(ridx_ptr + rt, mask=rtm, other=0)
         else:
             dst = rt
-        if SPLIT == 1:
-            gl.store(y_ptr + m * stride_ym + dst, y.to(y_ptr.dtype.element_ty), mask=rtm)
+        gl.store(y_ptr + m * stride_ym + dst, y.to(y_ptr.dtype.element_ty), mask=rtm)
+
+    @gluon.jit
+    def _bmma_kernel(xpl_ptr, xs_ptr, y_ptr, KT, KTP, stride_pm, stride_ym,
+                     codes_a, coef_a, ridx_a, rows_a, tiles_a, codes_b, coef_b, ridx_b, rows_b,
+                     BITS_A: gl.constexpr, KS_A: gl.constexpr, RIDX_A: gl.constexpr,
+                     BITS_B: gl.constexpr, KS_B: gl.constexpr, RIDX_B: gl.constexpr, STAGES: gl.constexpr):
+        """Program (m, tile): one 16-row tile of block a (tiles [0, tiles_a)) or of block b (the
+        rest; BITS_B = 0: no block b), so that a mixed-width matrix is one launch."""
+        m = gl.program_id(0)
+        tile = gl.program_id(1)
+        if BITS_B == 0:
+            _bmma_rows(m, tile, xpl_ptr, xs_ptr, codes_a, coef_a, ridx_a, y_ptr, rows_a, KT, KTP, stride_pm,
+                       stride_ym, BITS_A, KS_A, STAGES, RIDX_A)
+        elif tile < tiles_a:
+            _bmma_rows(m, tile, xpl_ptr, xs_ptr, codes_a, coef_a, ridx_a, y_ptr, rows_a, KT, KTP, stride_pm,
+                       stride_ym, BITS_A, KS_A, STAGES, RIDX_A)
         else:
-            wp = ws_ptr + m * WS_STRIDE + rt
-            gl.atomic_add(wp, y.to(gl.float32), mask=rtm)
-            sem = sem_ptr + m * gl.num_programs(1) + tile
-            ticket = gl.atomic_add(sem, 1)
-            if ticket == SPLIT - 1:
-                zero = y.to(gl.float32) * 0.0
-                tot = gl.atomic_add(wp, zero, mask=rtm)  # read through L2
-                gl.store(y_ptr + m * stride_ym + dst, tot.to(y_ptr.dtype.element_ty), mask=rtm)
-                gl.store(wp, zero, mask=rtm)
-                gl.atomic_xchg(sem, 0)
+            _bmma_rows(m, tile - tiles_a, xpl_ptr, xs_ptr, codes_b, coef_b, ridx_b, y_ptr, rows_b, KT, KTP,
+                       stride_pm, stride_ym, BITS_B, KS_B, STAGES, RIDX_B)
 
 
 # ----------------------------------------------------------------------------- launcher
 
 
-def config_for(bits: int, rows: int) -> tuple[int, int, int]:
-    """(WR, STAGES, SPLIT): warps along rows per program (times 2 for 4 bits), shared-memory stages
-    of code words (STAGES - 1 mma tiles in flight), column splits (0: enough programs for about 4
-    per multiprocessor). From H100 sweeps (benchmarks/KERNEL_NOTES.md): one warp per program for
-    tall matrices and 4-bit blocks, two for up to 4096 rows."""
-    return (2 if bits <= 3 and rows <= 4096 else 1), 4, 0
+def warps_for(widths_rows, ktiles: int, batch: int) -> int:
+    """Warps of a program for the blocks (bits, rows) of one launch: 2**bits / 8 along the masks
+    (2 for 4 bits) times KS along K, KS doubling while the launch stays under ~1100 warps (half of
+    one wave at 16 warps a multiprocessor on the H100, 128 registers) and every warp keeps >= 8
+    mma tiles; beyond that the fixed cost of a program (first loads, sums across warps) outweighs
+    the parallelism (H100 sweeps, benchmarks/KERNEL_NOTES.md)."""
+    masks = [2 if bits == 4 else 1 for bits, _ in widths_rows]
+    warps = batch * sum(wt * -(-rows // 16) for wt, (_, rows) in zip(masks, widths_rows))
+    ks = 1
+    while ks < MAX_KSPLIT and warps * ks * 2 <= 1100 and ktiles >= 16 * ks:
+        ks *= 2
+    return max(masks) * ks
 
 
 def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config=None):
     """Write every width block ``(codes, lut, bits, row_index[, prepared])`` (bits <= 4) of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``prepared``: ``prepare_block(codes, lut,
     bits)``, worked out here when absent or None. ``planes``: ``x_planes(x2, input_scale)`` when
-    already made for this x. Split-K launches share ``triton_lut``'s workspace per device."""
-    from anybit.kernels.triton_lut import _sm_count, _workspace
-
+    already made for this x. Blocks go two to a launch. ``config``: (warps per program, STAGES)
+    instead of ``warps_for`` and 4 stages (STAGES - 1 mma tiles in flight)."""
     M = x2.shape[0]
+    blocks = [b for b in blocks if b[0].shape[0] > 0]
     if M == 0 or not blocks:
         return y2
     xpl, xs = planes if planes is not None else x_planes(x2, input_scale)
-    ncp = xpl.shape[2]
-    sms = _sm_count(x2.device)
-    for block in blocks:
-        codes, lut, bits, row_index = block[:4]
-        R = codes.shape[0]
-        if R == 0:
-            continue
-        prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
-        coef, tiled = prepared
-        wr, stages, split = config or config_for(bits, R)
-        tiles = triton.cdiv(R, 16 * wr)
-        ktiles = ncp // KTILE
-        if split <= 0:
-            split = max(1, min(ktiles // 2, round(4 * sms / (M * tiles))))
-        tps = triton.cdiv(ktiles, split)
-        split = triton.cdiv(ktiles, tps)
-        ws, sem = _workspace(x2.device, M * R, M * tiles) if split > 1 else (xs, xs)
-        has_ridx = row_index is not None
-        _bmma_kernel[(M, tiles, split)](
-            xpl, xs, tiled, coef, row_index.contiguous() if has_ridx else tiled, y2, ws, sem,
-            R, ktiles, ncp, tps, xpl.stride(0), y2.stride(0), R,
-            BITS=bits, WR=wr, STAGES=stages, SPLIT=split, HAS_RIDX=has_ridx,
-            num_warps=wr * (2 if bits == 4 else 1))
+    ktp = xpl.shape[1]
+    ktiles = -(-in_features // (32 * KTILE))
+    for i in range(0, len(blocks), 2):
+        pair = blocks[i:i + 2]
+        args, consts = [], {}
+        nw, stages = config or (warps_for([(b[2], b[0].shape[0]) for b in pair], ktiles, M), 4)
+        for name, block in zip("AB", pair):
+            codes, lut, bits, row_index = block[:4]
+            prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
+            coef, tiled = prepared
+            ks = nw // (2 if bits == 4 else 1)
+            if ks < 1 or MAX_KSPLIT % ks:
+                raise ValueError(f"{nw} warps do not split a {bits}-bit block along K into 1..{MAX_KSPLIT}")
+            args += [tiled, coef, row_index.contiguous() if row_index is not None else tiled, codes.shape[0]]
+            if name == "A":
+                args.append(triton.cdiv(codes.shape[0], 16))
+            consts.update({f"BITS_{name}": bits, f"KS_{name}": ks, f"RIDX_{name}": row_index is not None})
+        if len(pair) == 1:
+            args += [xs, xs, xs, 0]
+            consts.update(BITS_B=0, KS_B=1, RIDX_B=False)
+        tiles = sum(triton.cdiv(b[0].shape[0], 16) for b in pair)
+        _bmma_kernel[(M, tiles)](xpl, xs, y2, ktiles, ktp, xpl.stride(0), y2.stride(0), *args, **consts,
+                                 STAGES=stages, num_warps=nw, maxnreg=MAX_REGISTERS)
     return y2

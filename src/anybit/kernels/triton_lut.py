@@ -478,6 +478,7 @@ def _csr_add_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, stride_xm, stri
 # ----------------------------------------------------------------------------- launchers
 
 FMA_MAX_BATCH = 1  # larger batches go to the tensor-core kernel (benchmarks/KERNEL_NOTES.md)
+BMMA_MAX_BATCH = 2  # blocks with binary tensor-core operands use them up to here (H100 sweep, BENCHMARKS.md)
 
 
 def aligned_for_asm(lut: torch.Tensor, bits: int) -> bool:
@@ -547,8 +548,9 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
                   config: tuple[int, ...] | None = None, use_asm: bool | None = None):
     """Write the rows of every width block ``(codes, lut, bits, row_index[, prepared])`` of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding
-    fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot" or "bmma" (default: "fma" for one row
-    of x, else "dot"); ``config`` overrides ``config_for`` (for "bmma": ``triton_bmma.config_for``);
+    fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot" or "bmma" (default: "bmma" for up to
+    BMMA_MAX_BATCH rows of x when some block comes with its ``prepared`` operands, else "fma" for
+    one row of x, else "dot"); ``config`` overrides ``config_for`` (for "bmma": ``triton_bmma.launch``'s);
     ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. FMA: up to
     three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
     cores, CUDA only) takes the blocks of up to 4 bits, ``prepared`` being their
@@ -561,7 +563,8 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if mode is None:
-        mode = "fma" if M <= FMA_MAX_BATCH else "dot"
+        prepared = any(b[4] is not None for b in blocks)
+        mode = "bmma" if prepared and M <= BMMA_MAX_BATCH else None
     scale = input_scale.contiguous() if input_scale is not None else None
     if mode == "bmma":
         from anybit.kernels import triton_bmma
@@ -569,7 +572,9 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
         narrow = [b for b in blocks if b[2] <= triton_bmma.MAX_BITS]
         triton_bmma.launch(x2, narrow, in_features, y2, scale, config=config)
         blocks = [b for b in blocks if b[2] > triton_bmma.MAX_BITS]
-        mode, config = "fma", None
+        mode, config = None, None
+    if mode is None:
+        mode = "fma" if M <= FMA_MAX_BATCH else "dot"
     if mode == "dot":
         for codes, lut, bits, row_index, _ in blocks:
             _launch_dot(x2, codes, lut, bits, in_features, y2, row_index, scale, config, use_asm)

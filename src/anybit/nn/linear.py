@@ -113,6 +113,11 @@ class AnybitLinear(nn.Module):
         perm = self.perm.long() if spec.perm else None
         blocks = [(getattr(self, codes_name(bits)), getattr(self, lut_name(bits)), bits, self.block_members(bits))
                   for bits in spec.blocks]
+        if _kernels().bmma_requested():
+            from anybit.kernels import triton_bmma
+
+            blocks = [b + ((triton_bmma.prepare_block(*b[:3]),) if b[2] <= triton_bmma.MAX_BITS else ())
+                      for b in blocks]
         scale = self.input_scale if spec.input_scale else None
         outliers = None
         if spec.outliers:
