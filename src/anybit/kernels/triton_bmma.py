@@ -108,8 +108,9 @@ def plane_chunks(in_features: int) -> int:
 def _xplanes_kernel(x_ptr, scale_ptr, xpl_ptr, xs_ptr, K, NCP, stride_xm, stride_pm,
                     HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, CB: tl.constexpr):
     """Planes of x row m for chunks [pid * CB, (pid + 1) * CB): ``xpl[m, c // 8, i, c % 8]`` bit i
-    of ``X = round(x / s_m)`` at columns 32c..32c+31 (an mma tile's 24 x 8 words contiguous), ``s_m = 2**(e - 23)`` with ``max|x| < 2**e``
-    (every program finds the row's max; it reads the row from L2)."""
+    of ``X = round(x / s_m)`` at columns 32c..32c+31 (an mma tile's 24 x 8 words contiguous),
+    ``s_m = 2**(e - 23)`` with ``max|x| < 2**e`` (every program finds the row's max; it reads the
+    row from L2)."""
     m = tl.program_id(0)
     pid = tl.program_id(1)
     xrow = x_ptr + m * stride_xm
@@ -268,7 +269,9 @@ if gluon is not None:
         xbase = xpl_ptr + m * stride_pm
         x01 = xbase + inner[None, :, None] + ch
         x2p = xbase + gl.multiple_of((16 + rl // 2) * 8, 8)[None, :, None] + ch
-        # the rows' coefficients travel with the first stage, so the end waits on no load
+        # the rows' coefficients travel with the first stage and x's scale is loaded now, not at the
+        # end (a dependent load there cost 1-2 us a call on 4096-row matrices); the row indices stay
+        # at the end (loaded early, or copied with the coefficients, they push 4-bit launches into spills)
         rt = tile * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, LC))
         rtm = rt < R
         tc = gl.arange(0, T, layout=gl.SliceLayout(1, LC))
@@ -276,6 +279,7 @@ if gluon is not None:
         csm = gl.allocate_shared_memory(gl.float32, [T, 16], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         async_copy.async_copy_global_to_shared(csm, coef_ptr + gl.where(rtm, rt, 0).to(gl.int64)[None, :] * T
                                                + tc[:, None], mask=rtm[None, :])
+        xscale = gl.load(xs_ptr + m)
         # code words and x planes of the next STAGES - 1 steps are in flight while a step is
         # multiplied (latency x bandwidth), copied to shared memory without holding registers.
         smem = gl.allocate_shared_memory(gl.int32, [STAGES * BITS, KS, 16, 8], sl)
@@ -319,7 +323,7 @@ if gluon is not None:
         ysum += gl.sum(acc2 * wsign, axis=3).to(gl.float64) * 65536.0  # (KS, T, rows)
         ysum = gl.sum(ysum, axis=0)  # (T, rows)
         coef = csm.load(LC)
-        y = gl.sum(coef.to(gl.float64) * ysum, axis=0) * gl.load(xs_ptr + m).to(gl.float64)
+        y = gl.sum(coef.to(gl.float64) * ysum, axis=0) * xscale.to(gl.float64)
         if HAS_RIDX:
             dst = gl.load(ridx_ptr + rt, mask=rtm, other=0)
         else:
