@@ -248,32 +248,22 @@ def _set_kernels_env(value: str | None) -> None:
 
 
 @contextlib.contextmanager
-def kernels_env(value: str | None, model=None):
-    """ANYBIT_KERNELS set to ``value`` (None: unset) inside, restored after; with ``model``, its
-    block linears remake their cached kernel operands on entering and on leaving."""
+def kernels_env(value: str | None):
+    """ANYBIT_KERNELS set to ``value`` (None: unset) inside, restored after (the linears' cached
+    kernel operands follow the setting)."""
     old = os.environ.get("ANYBIT_KERNELS")
     _set_kernels_env(value)
     try:
-        if model is not None:
-            drop_kernel_operands(model)
         yield
     finally:
         _set_kernels_env(old)
-        if model is not None:
-            drop_kernel_operands(model)
-
-
-def drop_kernel_operands(model) -> None:
-    for _, _, m in block_linears(model):
-        if isinstance(m, AnybitLinear):
-            m._kernel_operands = None
 
 
 def bmma_operand_bytes(model) -> int:
-    """GPU bytes of the binary tensor-core operands the block linears keep (after a forward)."""
+    """GPU bytes of the binary tensor-core operands the block linears keep under ANYBIT_KERNELS=bmma."""
     total = 0
     for _, _, m in block_linears(model):
-        for block in m._kernel_operands[1]["blocks"]:
+        for block in m.kernel_operands()["blocks"]:
             total += sum(t.numel() * t.element_size() for t in block[4]) if len(block) > 4 else 0
     return total
 
@@ -331,7 +321,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.bmma and cuda:
-            with kernels_env("bmma", model):
+            with kernels_env("bmma"):
                 plain = first_step_logits(model, args)
                 row = {"variant": f"anybit {budget}, bmma", "bits": rows[-1]["bits"],
                        "block_linear_gib": rows[-1]["block_linear_gib"],

@@ -145,3 +145,5 @@ def test_bmma_operands_kept_when_requested(monkeypatch, device):
         assert err < 1e-3, err  # the kernels' tolerance (fp16 products in the FMA kernel)
     kept = {b[2]: len(b) > 4 for b in module.kernel_operands()["blocks"]}
     assert kept and all(has == (bits <= 4) for bits, has in kept.items()), kept
+    monkeypatch.delenv("ANYBIT_KERNELS")  # the cached operands follow the setting
+    assert all(len(b) == 4 for b in module.kernel_operands()["blocks"])

@@ -27,8 +27,8 @@ fp32 workspace that the kernel leaves zeroed). Code words are loaded a step or t
 Sparse outliers (``y += x @ S^T``, CSR) are added by ``_csr_add_kernel`` after the blocks.
 Every kernel here also runs under ``TRITON_INTERPRET=1`` on CPU tensors (with ``ASM`` off;
 Triton >= 3.9: 3.6's interpreter fails on them).
-``launch_blocks(mode="bmma")`` hands blocks of up to 4 bits to ``triton_bmma`` (binary tensor cores,
-no decoding; opt-in). Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
+``launch_blocks`` hands blocks of up to 4 bits to ``triton_bmma`` (binary tensor cores, no
+decoding) at batch 1-2 when they carry its operands, or with ``mode="bmma"``. Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -554,8 +554,9 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. FMA: up to
     three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
     cores, CUDA only) takes the blocks of up to 4 bits, ``prepared`` being their
-    ``triton_bmma.prepare_block`` (made per call when absent); wider blocks go to "fma". Split-K
-    launches share one workspace per device: do not run them concurrently on several streams."""
+    ``triton_bmma.prepare_block`` (made per call when absent); wider blocks go to "fma" or "dot"
+    by batch as without operands. Split-K launches share one workspace per device: do not run them
+    concurrently on several streams."""
     M = x2.shape[0]
     blocks = [tuple(b[:4]) + (b[4] if len(b) > 4 else None,) for b in blocks if b[0].shape[0]]
     if not blocks or M == 0:

@@ -101,11 +101,12 @@ class AnybitLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def kernel_operands(self) -> dict:
-        """What the GPU kernels read, worked out once per set of buffers (cached: the forward of a
-        decoding step must not synchronise, so that it can be captured in a CUDA graph). The
-        kernel takes x in stored column order, unscaled: the input scale is applied inside it,
-        and the outlier columns are renumbered to the stored order."""
-        key = tuple((t.data_ptr(), t.device) for t in self._buffers.values() if t is not None)
+        """What the GPU kernels read, worked out once per set of buffers and ``ANYBIT_KERNELS=bmma``
+        setting (cached: the forward of a decoding step must not synchronise, so that it can be
+        captured in a CUDA graph). The kernel takes x in stored column order, unscaled: the input
+        scale is applied inside it, and the outlier columns are renumbered to the stored order."""
+        bmma = _kernels().bmma_requested()
+        key = (bmma, *((t.data_ptr(), t.device) for t in self._buffers.values() if t is not None))
         cached = getattr(self, "_kernel_operands", None)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -113,7 +114,7 @@ class AnybitLinear(nn.Module):
         perm = self.perm.long() if spec.perm else None
         blocks = [(getattr(self, codes_name(bits)), getattr(self, lut_name(bits)), bits, self.block_members(bits))
                   for bits in spec.blocks]
-        if _kernels().bmma_requested():
+        if bmma:
             from anybit.kernels import triton_bmma
 
             blocks = [b + ((triton_bmma.prepare_block(*b[:3]),) if b[2] <= triton_bmma.MAX_BITS else ())
