@@ -15,7 +15,10 @@ reported count codes, codebooks and the per-row width table. Each anybit variant
 is checked against the pure-torch reference path of the same weights, and the fused step
 against the plain one. The headline tokens/s is the CUDA graph of the step whose glue between
 linears (residual add + RMSNorm, rotary, SiLU-and-multiply) torch.compile fused; the graph of
-the plain step and the step launched from Python are reported beside it.
+the plain step and the step launched from Python are reported beside it. The fused step also
+computes the linears that read one input as one stacked matrix (q/k/v, gate/up: 7 linear calls a
+block become 4), for fp16 (``nn.Linear`` of the concatenated weights) and anybit
+(``AnybitLinear.stacked``) alike, as inference engines do.
 Writes ``decode.json`` and ``decode.md`` to --out (default $OUT or the current directory).
 """
 
@@ -62,6 +65,23 @@ def swiglu(gate, up):
     return F.silu(gate) * up
 
 
+def stack_linears(linears) -> nn.Module:
+    """One module for linears that read the same input, its output their outputs in turn: an
+    ``nn.Linear`` of the concatenated weights, or ``AnybitLinear.stacked``."""
+    if all(isinstance(m, AnybitLinear) for m in linears):
+        return AnybitLinear.stacked(linears)
+    if not all(type(m) is nn.Linear for m in linears):
+        raise ValueError("stack_linears: nn.Linear or AnybitLinear modules, not a mix")
+    w = linears[0].weight
+    stacked = nn.Linear(w.shape[1], sum(m.out_features for m in linears), bias=linears[0].bias is not None,
+                        device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        stacked.weight.copy_(torch.cat([m.weight for m in linears]))
+        if stacked.bias is not None:
+            stacked.bias.copy_(torch.cat([m.bias for m in linears]))
+    return stacked
+
+
 class StaticDecoder:
     """Greedy one-token decoding steps of a Hugging Face Llama model with a static KV cache.
 
@@ -69,10 +89,12 @@ class StaticDecoder:
     linears (residual add + RMSNorm, rotary, SiLU-and-multiply) is written out here with the same
     arithmetic so that, with ``fuse``, ``torch.compile`` can fuse each piece into one kernel: an
     eager Llama step launches ~40 small kernels per block, which cost as much time as the weights
-    of a quantized model take to read. The linears themselves are never compiled.
+    of a quantized model take to read. The linears themselves are never compiled; with ``fuse``
+    the ones that share an input run stacked (``stack``, by default as ``fuse``; ``stack_linears``:
+    one call for q/k/v, one for gate/up).
     """
 
-    def __init__(self, model, max_len: int, batch: int = 1, fuse: bool = False):
+    def __init__(self, model, max_len: int, batch: int = 1, fuse: bool = False, stack: bool | None = None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         cfg = model.config
@@ -92,6 +114,11 @@ class StaticDecoder:
         self.pos = torch.zeros((), dtype=torch.long, device=p.device)  # the next position to write
         self.token = torch.zeros(batch, dtype=torch.long, device=p.device)  # the next input token
         self.logits = None
+        self.qkv = self.gate_up = None
+        if fuse if stack is None else stack:
+            layers = model.model.layers
+            self.qkv = [stack_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in layers]
+            self.gate_up = [stack_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in layers]
 
     def reset(self, token: int = 1) -> None:
         self.pos.zero_()
@@ -99,9 +126,14 @@ class StaticDecoder:
 
     def _attention(self, i: int, attn, x, cos, sin, visible):
         b = x.shape[0]
-        q = attn.q_proj(x).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:
+            kv = self.kv_heads * self.head_dim
+            q, k, v = self.qkv[i](x).split([self.heads * self.head_dim, kv, kv], -1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(b, 1, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
         self.k[i].index_copy_(2, self.pos.view(1), k)
         self.v[i].index_copy_(2, self.pos.view(1), v)
@@ -129,7 +161,11 @@ class StaticDecoder:
             norm = layer.post_attention_layernorm
             h, a = self.add_norm(h, delta, norm.weight, norm.variance_epsilon)
             mlp = layer.mlp
-            delta = mlp.down_proj(self.swiglu(mlp.gate_proj(a), mlp.up_proj(a)))
+            if self.gate_up is not None:
+                gate, up = self.gate_up[i](a).chunk(2, -1)
+            else:
+                gate, up = mlp.gate_proj(a), mlp.up_proj(a)
+            delta = mlp.down_proj(self.swiglu(gate, up))
         h, a = self.add_norm(h, delta, m.norm.weight, m.norm.variance_epsilon)
         logits = self.model.lm_head(a)[:, 0]
         self.token.copy_(logits.argmax(-1))
@@ -326,7 +362,8 @@ def main(argv=None) -> int:
                 row = {"variant": f"anybit {budget}, bmma", "bits": rows[-1]["bits"],
                        "block_linear_gib": rows[-1]["block_linear_gib"],
                        "extra_gib": round(bmma_operand_bytes(model) / 2**30, 3), **measure(model, args, cuda),
-                       "logits_rel_err_vs_reference": rel_err(plain, first_step_logits(model, args, reference=True))}
+                       "logits_rel_err_vs_reference": rel_err(plain, first_step_logits(model, args, reference=True)),
+                       "logits_rel_err_fused_vs_plain": rel_err(first_step_logits(model, args, fuse=True), plain)}
             row["speedup_vs_fp16"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -38,6 +38,22 @@ def test_static_decoder_matches_the_model_forward():
     assert int(dec.pos) == 12 and int(dec.token[0]) == int(want[-1].argmax())
 
 
+def test_stacked_projections_give_the_plain_step():
+    model = random_llama("tiny", dtype=torch.float32, device="cpu")
+    for quantized in (False, True):
+        if quantized:
+            decode.to_anybit(model, decode.MIXES["3.25"])
+        plain, stacked = decode.StaticDecoder(model, max_len=8), decode.StaticDecoder(model, max_len=8, stack=True)
+        up = model.model.layers[0].mlp.up_proj
+        assert stacked.gate_up[0].out_features == 2 * up.out_features
+        if quantized:
+            assert stacked.gate_up[0].spec.blocks[4][0] == 2 * up.spec.blocks[4][0]
+        plain.reset()
+        stacked.reset()
+        for _ in range(3):
+            assert torch.allclose(plain.step(), stacked.step(), atol=1e-5, rtol=1e-4)
+
+
 def test_random_anybit_linear_mixes_widths_and_counts_bits():
     gen = torch.Generator().manual_seed(0)
     m = decode.random_anybit_linear(400, 256, decode.MIXES["3.25"], "cpu", gen)

@@ -147,3 +147,15 @@ def test_bmma_operands_kept_when_requested(monkeypatch, device):
     assert kept and all(has == (bits <= 4) for bits, has in kept.items()), kept
     monkeypatch.delenv("ANYBIT_KERNELS")  # the cached operands follow the setting
     assert all(len(b) == 4 for b in module.kernel_operands()["blocks"])
+
+
+def test_stacked_module_computes_the_linears_outputs_in_turn():
+    weights = [with_extras(random_lut(7 + s, 45, 0, seed=s), seed=s, outliers=2 + s) for s in range(3)]
+    for w in weights[1:]:
+        w.perm, w.input_scale = weights[0].perm, weights[0].input_scale
+    bias = torch.randn(weights[1].out_features)
+    linears = [AnybitLinear.from_quantized(w, bias if i == 1 else None) for i, w in enumerate(weights)]
+    stacked = AnybitLinear.stacked(linears)
+    x = torch.randn(3, 45, generator=torch.Generator().manual_seed(3))
+    assert stacked.out_features == sum(m.out_features for m in linears)
+    assert torch.allclose(stacked(x), torch.cat([m(x) for m in linears], -1), atol=1e-5, rtol=1e-5)

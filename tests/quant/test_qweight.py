@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from anybit.quant.qweight import Outliers, QuantizedWeight
+from anybit.quant.qweight import Outliers, QuantizedWeight, stack_rows
+from tests.formats.random_qweights import random_affine, random_lut, with_extras
 
 
 def _affine(out=4, cols=10, bits=3, group=0, perm=None):
@@ -52,3 +54,31 @@ def test_perm_input_scale_and_outliers():
     parts = q.storage_bits()
     assert parts["perm"] == 3 * 16 and parts["input_scale"] == 3 * 16
     assert parts["outliers"] == 1 * (16 + 16) + 2 * 32
+
+
+def _sharing_input(weights):
+    """The weights with the first one's perm and input scale (what linears of one input share)."""
+    for w in weights[1:]:
+        w.perm, w.input_scale = weights[0].perm, weights[0].input_scale
+    return weights
+
+
+@pytest.mark.parametrize("make", [lambda s: random_lut(5 + s, 45, 0, seed=s), lambda s: random_affine(5 + s, 45, 8, seed=0)])
+def test_stack_rows_is_the_weights_one_above_the_other(make):
+    weights = _sharing_input([with_extras(make(s), seed=s, outliers=3 * s) for s in range(3)])
+    stacked = stack_rows(weights)
+    assert stacked.out_features == sum(w.out_features for w in weights)
+    assert torch.equal(stacked.dequantize(), torch.cat([w.dequantize() for w in weights]))
+    assert stacked.total_bits() >= sum(w.code_bits() for w in weights)
+
+
+def test_stack_rows_refuses_weights_that_do_not_share_the_input_side():
+    a, b = with_extras(random_lut(4, 45, 0, seed=1), seed=1), with_extras(random_lut(4, 45, 0, seed=2), seed=2)
+    with pytest.raises(ValueError, match="perm"):
+        stack_rows([a, b])
+    with pytest.raises(ValueError, match="lut_axis 1"):
+        stack_rows([random_lut(4, 45, 1, seed=1), random_lut(4, 45, 1, seed=2)])
+    with pytest.raises(ValueError, match="group widths"):
+        stack_rows([random_affine(4, 45, 8, seed=1), random_affine(4, 45, 8, seed=2)])
+    with pytest.raises(ValueError, match="input features"):
+        stack_rows([random_lut(4, 45, 0, seed=1), random_lut(4, 46, 0, seed=1)])

@@ -16,7 +16,6 @@ Recipe (shared/methods.md, docs/methods.md):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -24,7 +25,7 @@ from anybit.formats.packed import (
     unit_widths, unpack_weight, zeros_name,
 )
 from anybit.nn import reference
-from anybit.quant.qweight import QuantizedWeight
+from anybit.quant.qweight import QuantizedWeight, stack_rows
 
 
 @functools.cache
@@ -57,6 +58,19 @@ class AnybitLinear(nn.Module):
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().cpu().clone(), requires_grad=False)
         return module
+
+    @classmethod
+    def stacked(cls, linears: Sequence[AnybitLinear]) -> AnybitLinear:
+        """One module whose outputs are the linears' outputs in turn, for linears that read the same
+        input (q/k/v, gate/up): one kernel call for all of them, so one set of per-call costs
+        (``qweight.stack_rows`` says what must match). On the first linear's device."""
+        biases = [m.bias for m in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            like = next(b for b in biases if b is not None)
+            bias = torch.cat([b if b is not None else like.new_zeros(m.out_features) for b, m in zip(biases, linears)])
+        device = next(iter(linears[0].packed().values())).device
+        return cls.from_quantized(stack_rows([m.to_quantized() for m in linears]), bias).to(device)
 
     def packed(self) -> dict[str, torch.Tensor]:
         return dict(self.named_buffers(recurse=False))

@@ -17,6 +17,7 @@ fp16 values that replace the de-quantized weight at their positions).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -154,3 +155,40 @@ class QuantizedWeight:
     def index_bits_per_weight(self) -> float:
         """The papers' figure: code bits only, codebooks/scales/outliers left out."""
         return self.code_bits() / self.numel
+
+
+def stack_rows(weights: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    """One weight whose rows are those of ``weights`` in turn: linears that read the same input
+    (a block's q, k and v projections, its gate and up projections) as one matrix, so that one
+    kernel call computes them all. Each row keeps its codes, codebook or scales and width; the
+    input side must be shared: a per-row grid (``lut`` with ``lut_axis`` 0, or ``affine`` with
+    equal groups and group widths), equal ``perm`` and ``input_scale``."""
+    first = weights[0]
+    for w in weights[1:]:
+        if (w.kind, w.in_features, w.lut_axis, w.group_size) != (first.kind, first.in_features, first.lut_axis,
+                                                                 first.group_size):
+            raise ValueError("stack_rows: the weights differ in grid, input features or group size")
+        for name in ("perm", "input_scale"):
+            a, b = getattr(first, name), getattr(w, name)
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                raise ValueError(f"stack_rows: the weights have different {name}")
+        if w.kind == "affine" and not torch.equal(w.bits, first.bits):
+            raise ValueError("stack_rows: affine weights with different group widths")
+    if first.kind == "lut" and first.lut_axis != 0:
+        raise ValueError("stack_rows: per-column codebooks (lut_axis 1) belong to one matrix")
+    offsets = [0]
+    for w in weights:
+        offsets.append(offsets[-1] + w.out_features)
+    cat = lambda name: torch.cat([getattr(w, name) for w in weights])  # noqa: E731
+    parts = dict(out_features=offsets[-1], codes=cat("codes"), meta={})
+    if first.kind == "lut":
+        width = max(w.lut.shape[1] for w in weights)
+        parts.update(bits=cat("bits"), lut=torch.cat([torch.nn.functional.pad(w.lut, (0, width - w.lut.shape[1]))
+                                                      for w in weights]))
+    else:
+        parts.update(scales=cat("scales"), zeros=cat("zeros"))
+    if any(w.outliers is not None for w in weights):
+        kept = [(w.outliers, start * first.in_features) for w, start in zip(weights, offsets) if w.outliers is not None]
+        parts["outliers"] = Outliers(torch.cat([o.positions + shift for o, shift in kept]),
+                                     torch.cat([o.values for o, _ in kept]))
+    return replace(first, **parts)
