@@ -73,6 +73,18 @@ def test_warps_split_k_only_for_small_grids():
         assert 1 <= tb.warps_for([(2, 100)], ktiles, 1) <= tb.MAX_KSPLIT
 
 
+def test_binary_tensor_cores_serve_up_to_four_rows_of_x_below_four_bits():
+    from anybit.kernels import triton_lut
+
+    def blocks(*widths_rows):
+        return [(torch.zeros(rows, 3), None, bits, None) for bits, rows in widths_rows]
+
+    assert triton_lut.bmma_batch_limit(blocks((3, 300), (4, 100))) == 4  # 3.25 bits
+    assert triton_lut.bmma_batch_limit(blocks((3, 100))) == 4
+    assert triton_lut.bmma_batch_limit(blocks((4, 100))) == 3  # twice the masks: the dot kernel from 4 rows
+    assert triton_lut.bmma_batch_limit(blocks((4, 100), (8, 50))) == 3  # wider blocks do not count
+
+
 CASES = [  # (rows, cols, bits, batch, input_scale, x scale)
     (37, 300, 3, 2, False, 3.0), (20, 513, 4, 1, True, 1.0), (9, 64, 1, 3, False, 1e-3),
     (16, 1000, 2, 1, True, 50.0),

@@ -28,7 +28,8 @@ Sparse outliers (``y += x @ S^T``, CSR) are added by ``_csr_add_kernel`` after t
 Every kernel here also runs under ``TRITON_INTERPRET=1`` on CPU tensors (with ``ASM`` off;
 Triton >= 3.9: 3.6's interpreter fails on them).
 ``launch_blocks`` hands blocks of up to 4 bits to ``triton_bmma`` (binary tensor cores, no
-decoding) at batch 1-2 when they carry its operands, or with ``mode="bmma"``. Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
+decoding) at batches up to ``bmma_batch_limit`` (3 or 4) when they carry its operands, or with
+``mode="bmma"``. Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -478,7 +479,16 @@ def _csr_add_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, stride_xm, stri
 # ----------------------------------------------------------------------------- launchers
 
 FMA_MAX_BATCH = 1  # larger batches go to the tensor-core kernel (benchmarks/KERNEL_NOTES.md)
-BMMA_MAX_BATCH = 2  # blocks with binary tensor-core operands use them up to here (H100 sweep, BENCHMARKS.md)
+BMMA_MAX_BATCH = 4  # blocks with binary tensor-core operands use them up to here (H100 sweep, BENCHMARKS.md)
+
+
+def bmma_batch_limit(blocks) -> int:
+    """Rows of x up to which prepared blocks run on binary tensor cores: 4 while the blocks of up to
+    4 bits average under 4 bits a row (3 and 3.25 bits: faster than the dot kernel and fp16 at 4
+    rows), else 3 (4-bit rows have twice the masks; at 4 rows the dot kernel is the faster)."""
+    rows = [(b[2], b[0].shape[0]) for b in blocks if b[2] <= 4]
+    mean = sum(bits * n for bits, n in rows) / max(1, sum(n for _, n in rows))
+    return BMMA_MAX_BATCH if mean < 4 else BMMA_MAX_BATCH - 1
 
 
 def aligned_for_asm(lut: torch.Tensor, bits: int) -> bool:
@@ -549,7 +559,7 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     """Write the rows of every width block ``(codes, lut, bits, row_index[, prepared])`` of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding
     fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot" or "bmma" (default: "bmma" for up to
-    BMMA_MAX_BATCH rows of x when some block comes with its ``prepared`` operands, else "fma" for
+    ``bmma_batch_limit(blocks)`` (3 or 4) rows of x when some block comes with its ``prepared`` operands, else "fma" for
     one row of x, else "dot"); ``config`` overrides ``config_for`` (for "bmma": ``triton_bmma.launch``'s);
     ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. FMA: up to
     three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
@@ -565,7 +575,7 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
         x2 = x2.contiguous()
     if mode is None:
         prepared = any(b[4] is not None for b in blocks)
-        mode = "bmma" if prepared and M <= BMMA_MAX_BATCH else None
+        mode = "bmma" if prepared and M <= bmma_batch_limit(blocks) else None
     scale = input_scale.contiguous() if input_scale is not None else None
     if mode == "bmma":
         from anybit.kernels import triton_bmma
