@@ -128,8 +128,8 @@ def test_kernel_operands_follow_weights_loaded_in_place(monkeypatch):
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_bmma_operands_kept_when_requested(monkeypatch, device):
     """ANYBIT_KERNELS=bmma: blocks of up to 4 bits carry the binary tensor-core operands and the
-    product is unchanged (on CUDA the Gluon kernel runs them at batch 1 and 2, wider blocks the
-    FMA / dot kernels; on the CPU the kernels' reference stands in)."""
+    product is unchanged (on CUDA the Gluon kernel runs them at batches up to 3 or 4, wider blocks
+    the FMA / dot kernels; on the CPU the kernels' reference stands in)."""
     import anybit.kernels as kernels
 
     q = with_extras(random_lut(40, 300, 0, seed=3), seed=3)

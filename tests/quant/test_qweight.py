@@ -63,7 +63,8 @@ def _sharing_input(weights):
     return weights
 
 
-@pytest.mark.parametrize("make", [lambda s: random_lut(5 + s, 45, 0, seed=s), lambda s: random_affine(5 + s, 45, 8, seed=0)])
+@pytest.mark.parametrize("make", [lambda s: random_lut(5 + s, 45, 0, seed=s),
+                                  lambda s: random_affine(5 + s, 45, 8, seed=0)])  # equal group widths
 def test_stack_rows_is_the_weights_one_above_the_other(make):
     weights = _sharing_input([with_extras(make(s), seed=s, outliers=3 * s) for s in range(3)])
     stacked = stack_rows(weights)

@@ -25,7 +25,8 @@ two warps, 8 masks each); a program's warps may also split K (``warps_for``), su
 memory at the end. Widths 1..4 run here, wider blocks on ``triton_lut``'s kernels. Used by
 ``triton_lut.launch_blocks`` for up to 3 or 4 rows of x (``bmma_batch_limit``) when the blocks
 come with ``prepare_block``'s operands (``AnybitLinear`` keeps them under ``ANYBIT_KERNELS=bmma``:
-the re-tiled codes are a second copy), or with ``mode="bmma"``; measurements and what limits it: benchmarks/KERNEL_NOTES.md.
+the re-tiled codes are a second copy), or with ``mode="bmma"``; measurements and what limits it:
+benchmarks/KERNEL_NOTES.md.
 
 Two launches per call for up to two width blocks: ``_xplanes_kernel`` (portable Triton, also
 under the interpreter) writes the planes of x once for all blocks of a matrix, then the Gluon

@@ -486,7 +486,9 @@ def bmma_batch_limit(blocks) -> int:
     """Rows of x up to which prepared blocks run on binary tensor cores: 4 while the blocks of up to
     4 bits average under 4 bits a row (3 and 3.25 bits: faster than the dot kernel and fp16 at 4
     rows), else 3 (4-bit rows have twice the masks; at 4 rows the dot kernel is the faster)."""
-    rows = [(b[2], b[0].shape[0]) for b in blocks if b[2] <= 4]
+    from anybit.kernels.triton_bmma import MAX_BITS
+
+    rows = [(b[2], b[0].shape[0]) for b in blocks if b[2] <= MAX_BITS]
     mean = sum(bits * n for bits, n in rows) / max(1, sum(n for _, n in rows))
     return BMMA_MAX_BATCH if mean < 4 else BMMA_MAX_BATCH - 1
 
@@ -559,8 +561,9 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     """Write the rows of every width block ``(codes, lut, bits, row_index[, prepared])`` of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding
     fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot" or "bmma" (default: "bmma" for up to
-    ``bmma_batch_limit(blocks)`` (3 or 4) rows of x when some block comes with its ``prepared`` operands, else "fma" for
-    one row of x, else "dot"); ``config`` overrides ``config_for`` (for "bmma": ``triton_bmma.launch``'s);
+    ``bmma_batch_limit(blocks)`` (3 or 4) rows of x when some block comes with its ``prepared``
+    operands, else "fma" for one row of x, else "dot"); ``config`` overrides ``config_for`` (for
+    "bmma": ``triton_bmma.launch``'s);
     ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. FMA: up to
     three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
     cores, CUDA only) takes the blocks of up to 4 bits, ``prepared`` being their
