@@ -285,8 +285,8 @@ def main():
     ap.add_argument("--batches", default="", help="e.g. 1,16")
     ap.add_argument("--profile", action="store_true", help="only run a few kernels once (for ncu)")
     ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sweeps/cases are skipped")
-    ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: warps,STAGES as "
-                    "triton_bmma.launch, empty for its rule; with --configs every batch is swept), e.g. "
+    ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: warps,STAGES; mma: KS,RT as "
+                    "their modules' launch, empty for the rule; with --configs every batch is swept), e.g. "
                     "'fma:4,32,4,2,1,0,1;fma:4,32,4,2,2,0,1' (fields as triton_lut.config_for)")
     args = ap.parse_args()
     sweep_configs = SWEEP
@@ -360,9 +360,10 @@ def main():
             log(f"{row['shape']:>11} w={width:>4} b={batch:>2}: {row['us']:8.2f} us  fp16 {row['fp16_us']:8.2f} us"
                 f"  {gbs:7.0f} GB/s  {row['pct_copy']:5.1f}%  x{row['speedup']:.2f}  err {err:.1e}")
             if sweep_now and (batch in (1, 2, 16) or args.configs):  # other batches: when asked for
-                plan = [(m, c, True) for m, c in sweep_configs if m in ("fma", "bmma") or batch > 1 or c[5] == 0]
+                plan = [(m, c, True) for m, c in sweep_configs
+                        if m in ("fma", "bmma", "mma") or batch > 1 or c[5] == 0]
                 if batch > 1:
-                    plan = [p for p in plan if p[0] == "dot" or batch == 2 or p[0] == "bmma" and args.configs]
+                    plan = [p for p in plan if p[0] == "dot" or batch == 2 or p[0] in ("bmma", "mma") and args.configs]
                 if width != "3.25" and batch == 1 and not args.configs:
                     plan.append(("fma", SWEEP[0][1], False))
                 for mode, cfg, asm in plan:

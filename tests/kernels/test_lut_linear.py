@@ -18,15 +18,10 @@ import torch  # noqa: E402
 from anybit.formats.bitpack import pack_bitplanes
 from anybit.kernels import lut_linear, lut_linear_blocks, lut_linear_ref
 from anybit.quant.qweight import QuantizedWeight
+from checks import rel_err  # noqa: E402
 from interpreted import worker_results  # noqa: E402
 
 TOL = 1e-3  # relative error, fp16
-
-
-def rel_err(y, ref):
-    y, ref = y.double(), ref.double()
-    assert torch.isfinite(y).all(), "output has NaN/inf: some element was not written"
-    return ((y - ref).norm() / ref.norm()).item()
 
 
 def block(rows, cols, bits, gen, lut_dtype=torch.float16):

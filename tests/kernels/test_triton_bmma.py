@@ -17,18 +17,13 @@ import torch  # noqa: E402
 
 from anybit.formats.bitpack import pack_bitplanes  # noqa: E402
 from anybit.kernels import lut_linear_ref  # noqa: E402
+from checks import rel_err  # noqa: E402
 from interpreted import worker_results  # noqa: E402
 
 pytest.importorskip("triton")
 from anybit.kernels import triton_bmma as tb  # noqa: E402
 
 TOL = 1e-3  # relative error, fp16
-
-
-def rel_err(y, ref):
-    y, ref = y.double(), ref.double()
-    assert torch.isfinite(y).all(), "output has NaN/inf: some element was not written"
-    return ((y - ref).norm() / ref.norm()).item()
 
 
 def block(rows, cols, bits, gen):
@@ -73,7 +68,7 @@ def test_warps_split_k_only_for_small_grids():
         assert 1 <= tb.warps_for([(2, 100)], ktiles, 1) <= tb.MAX_KSPLIT
 
 
-def test_binary_tensor_cores_serve_up_to_four_rows_of_x_below_four_bits():
+def test_binary_tensor_cores_serve_up_to_four_rows_of_x_below_four_bits_two_beside_the_fragment_kernel():
     from anybit.kernels import triton_lut
 
     def blocks(*widths_rows):
@@ -83,6 +78,8 @@ def test_binary_tensor_cores_serve_up_to_four_rows_of_x_below_four_bits():
     assert triton_lut.bmma_batch_limit(blocks((3, 100))) == 4
     assert triton_lut.bmma_batch_limit(blocks((4, 100))) == 3  # twice the masks: the dot kernel from 4 rows
     assert triton_lut.bmma_batch_limit(blocks((4, 100), (8, 50))) == 3  # wider blocks do not count
+    # where the fragment kernel (triton_mma) serves the call it takes over from 3 rows
+    assert triton_lut.bmma_batch_limit(blocks((3, 300), (4, 100)), fragments=True) == 2
 
 
 CASES = [  # (rows, cols, bits, batch, input_scale, x scale)

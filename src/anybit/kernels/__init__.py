@@ -60,7 +60,7 @@ def use_triton(x: torch.Tensor) -> bool:
 def bmma_requested() -> bool:
     """``ANYBIT_KERNELS=bmma``: quantized linears keep the binary tensor-core kernel's operands
     (``triton_bmma.prepare_block``: a second, re-tiled copy of the codes on the GPU) and use that
-    kernel for batches of up to 3 or 4 rows (``triton_lut.bmma_batch_limit``): faster decoding for more memory."""
+    kernel for batches of up to 2 rows (``triton_lut.bmma_batch_limit``): faster decoding for more memory."""
     return os.environ.get("ANYBIT_KERNELS", "").lower() == "bmma"
 
 

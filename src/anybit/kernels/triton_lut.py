@@ -28,8 +28,10 @@ Sparse outliers (``y += x @ S^T``, CSR) are added by ``_csr_add_kernel`` after t
 Every kernel here also runs under ``TRITON_INTERPRET=1`` on CPU tensors (with ``ASM`` off;
 Triton >= 3.9: 3.6's interpreter fails on them).
 ``launch_blocks`` hands blocks of up to 4 bits to ``triton_bmma`` (binary tensor cores, no
-decoding) at batches up to ``bmma_batch_limit`` (3 or 4) when they carry its operands, or with
-``mode="bmma"``. Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
+decoding) at batches up to ``bmma_batch_limit`` (2, or 3-4 where the fragment kernel cannot serve
+the call) when they carry its operands, or with ``mode="bmma"``; otherwise, from 2 to 16 rows of
+fp16 x with fp16 codebooks, to ``triton_mma`` (codes decoded straight into ``mma.sync`` fragments),
+which replaces the ``tl.dot`` kernel there. Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -480,14 +482,20 @@ def _csr_add_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, stride_xm, stri
 
 FMA_MAX_BATCH = 1  # larger batches go to the tensor-core kernel (benchmarks/KERNEL_NOTES.md)
 BMMA_MAX_BATCH = 4  # blocks with binary tensor-core operands use them up to here (H100 sweep, BENCHMARKS.md)
+BMMA_MAX_BATCH_WITH_FRAGMENTS = 2
+MMA_MIN_BATCH = 2  # from here to 16 rows of x, fp16 x and codebooks: codes decoded into mma fragments
 
 
-def bmma_batch_limit(blocks) -> int:
-    """Rows of x up to which prepared blocks run on binary tensor cores: 4 while the blocks of up to
-    4 bits average under 4 bits a row (3 and 3.25 bits: faster than the dot kernel and fp16 at 4
-    rows), else 3 (4-bit rows have twice the masks; at 4 rows the dot kernel is the faster)."""
+def bmma_batch_limit(blocks, fragments: bool = False) -> int:
+    """Rows of x up to which prepared blocks run on binary tensor cores. Against the fragment kernel
+    (``fragments``: ``triton_mma`` serves this call): 2 rows (from 3 rows the fragment kernel is as
+    fast or faster, H100, BENCHMARKS.md). Against the dot kernel: 4 while the blocks of up to 4 bits
+    average under 4 bits a row (3 and 3.25 bits: faster than the dot kernel and fp16 at 4 rows),
+    else 3 (4-bit rows have twice the masks; at 4 rows the dot kernel is the faster)."""
     from anybit.kernels.triton_bmma import MAX_BITS
 
+    if fragments:
+        return BMMA_MAX_BATCH_WITH_FRAGMENTS
     rows = [(b[2], b[0].shape[0]) for b in blocks if b[2] <= MAX_BITS]
     mean = sum(bits * n for bits, n in rows) / max(1, sum(n for _, n in rows))
     return BMMA_MAX_BATCH if mean < 4 else BMMA_MAX_BATCH - 1
@@ -560,10 +568,11 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
                   config: tuple[int, ...] | None = None, use_asm: bool | None = None):
     """Write the rows of every width block ``(codes, lut, bits, row_index[, prepared])`` of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding
-    fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot" or "bmma" (default: "bmma" for up to
-    ``bmma_batch_limit(blocks)`` (3 or 4) rows of x when some block comes with its ``prepared``
-    operands, else "fma" for one row of x, else "dot"); ``config`` overrides ``config_for`` (for
-    "bmma": ``triton_bmma.launch``'s);
+    fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot", "mma" or "bmma" (default: "bmma" for up
+    to ``bmma_batch_limit(blocks)`` (3 or 4) rows of x when some block comes with its ``prepared``
+    operands, else "fma" for one row of x, else "mma" (``triton_mma``: blocks of up to 4 bits, fp16 x
+    of up to 16 rows and fp16 codebooks), else "dot"); ``config`` overrides ``config_for`` (for
+    "bmma" and "mma": their modules' ``launch``'s);
     ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. FMA: up to
     three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
     cores, CUDA only) takes the blocks of up to 4 bits, ``prepared`` being their
@@ -577,9 +586,25 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if mode is None:
+        from anybit.kernels import triton_mma
+
+        fragments = M >= MMA_MIN_BATCH and triton_mma.supports(
+            x2, [b[1] for b in blocks if b[2] <= triton_mma.MAX_BITS])
         prepared = any(b[4] is not None for b in blocks)
-        mode = "bmma" if prepared and M <= bmma_batch_limit(blocks) else None
+        if prepared and M <= bmma_batch_limit(blocks, fragments):
+            mode = "bmma"
+        elif fragments:
+            mode = "mma"
     scale = input_scale.contiguous() if input_scale is not None else None
+    if mode == "mma":
+        from anybit.kernels import triton_mma
+
+        narrow = [b for b in blocks if b[2] <= triton_mma.MAX_BITS]
+        if not triton_mma.supports(x2, [b[1] for b in narrow]):
+            raise ValueError("mode 'mma' needs fp16 x of 1..16 rows and fp16 codebooks on CUDA")
+        triton_mma.launch(x2, narrow, in_features, y2, scale, config=config)
+        blocks = [b for b in blocks if b[2] > triton_mma.MAX_BITS]
+        mode, config = None, None
     if mode == "bmma":
         from anybit.kernels import triton_bmma
 
