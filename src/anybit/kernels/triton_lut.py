@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from anybit.kernels import triton_mma
+
 # ----------------------------------------------------------------------------- decoding helpers
 
 
@@ -569,9 +571,9 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     """Write the rows of every width block ``(codes, lut, bits, row_index[, prepared])`` of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding
     fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot", "mma" or "bmma" (default: "bmma" for up
-    to ``bmma_batch_limit(blocks)`` (3 or 4) rows of x when some block comes with its ``prepared``
-    operands, else "fma" for one row of x, else "mma" (``triton_mma``: blocks of up to 4 bits, fp16 x
-    of up to 16 rows and fp16 codebooks), else "dot"); ``config`` overrides ``config_for`` (for
+    to ``bmma_batch_limit`` rows of x (2, or 3-4 where "mma" cannot serve the call) when some block
+    comes with its ``prepared`` operands, else "fma" for one row of x, else "mma" (``triton_mma``:
+    blocks of up to 4 bits, fp16 x of up to 16 rows and fp16 codebooks), else "dot"); ``config`` overrides ``config_for`` (for
     "bmma" and "mma": their modules' ``launch``'s);
     ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. FMA: up to
     three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
@@ -585,24 +587,19 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
         return y2
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    fragment_blocks = [b for b in blocks if b[2] <= triton_mma.MAX_BITS]
+    fragments = triton_mma.supports(x2, [b[1] for b in fragment_blocks])
     if mode is None:
-        from anybit.kernels import triton_mma
-
-        fragments = M >= MMA_MIN_BATCH and triton_mma.supports(
-            x2, [b[1] for b in blocks if b[2] <= triton_mma.MAX_BITS])
         prepared = any(b[4] is not None for b in blocks)
-        if prepared and M <= bmma_batch_limit(blocks, fragments):
+        if prepared and M <= bmma_batch_limit(blocks, fragments and M >= MMA_MIN_BATCH):
             mode = "bmma"
-        elif fragments:
+        elif fragments and M >= MMA_MIN_BATCH:
             mode = "mma"
     scale = input_scale.contiguous() if input_scale is not None else None
     if mode == "mma":
-        from anybit.kernels import triton_mma
-
-        narrow = [b for b in blocks if b[2] <= triton_mma.MAX_BITS]
-        if not triton_mma.supports(x2, [b[1] for b in narrow]):
+        if not fragments:
             raise ValueError("mode 'mma' needs fp16 x of 1..16 rows and fp16 codebooks on CUDA")
-        triton_mma.launch(x2, narrow, in_features, y2, scale, config=config)
+        triton_mma.launch(x2, fragment_blocks, in_features, y2, scale, config=config)
         blocks = [b for b in blocks if b[2] > triton_mma.MAX_BITS]
         mode, config = None, None
     if mode == "bmma":

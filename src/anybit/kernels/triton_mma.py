@@ -189,7 +189,8 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
         # plane words: column (2t + i) holds plane i (i + 2 in the second tensor) of chunk c0 + t
         chunk = ks * STEP_CHUNKS + col // 2  # (KS, 1, 1, 8), the first step of each warp along K
         crow = codes_ptr + rows_c * stride_cr + half
-        cmask = rmask & (half < BITS)
+        cmask = rmask & (half < BITS)  # planes 0/1; planes 2/3 below
+        cmask23 = rmask & (half + 2 < BITS)
         # x fragments: row 2g + h of a (16, 8) tile is x row 8h + g (n-tile h), column 2t + i its b_i
         m = (r % 2) * 8 + r // 2  # (1, 1, 16, 1)
         xrow = xf_ptr + m * 2 + half
@@ -199,12 +200,12 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
         ncp = NSTEP * STEP_CHUNKS
         acc0 = gl.zeros([KS, RT, 16, 8], gl.float32, L4)
         acc1 = gl.zeros([KS, RT, 16, 8], gl.float32, L4)
-        c01, c23 = _load_codes(crow, chunk, cmask, rmask & (half + 2 < BITS), NCHUNK, BITS)
+        c01, c23 = _load_codes(crow, chunk, cmask, cmask23, NCHUNK, BITS)
         for it in range(0, gl.cdiv(NSTEP, KS)):
             # the next step's plane words load while this one is decoded (loading x earlier, or two
             # steps ahead, measured no faster: H100, KERNEL_NOTES)
             nxt = chunk + KS * STEP_CHUNKS
-            n01, n23 = _load_codes(crow, nxt, cmask, rmask & (half + 2 < BITS), NCHUNK, BITS)
+            n01, n23 = _load_codes(crow, nxt, cmask, cmask23, NCHUNK, BITS)
             xc = xrow + chunk * stride_xc
             xm = xmask & (chunk < ncp)
             for j in gl.static_range(8):
