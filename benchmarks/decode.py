@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py --device cuda                 # fp16, anybit 4 / 3.25 / 2.25 bits
     python benchmarks/decode.py --smoke                       # tiny model on the CPU
+    python benchmarks/decode.py --device cuda --profile       # also each variant's kernels, time per call
 
 One harness for every variant: ``StaticDecoder`` runs a Llama model's own modules one token at
 a time against a static KV cache (``--max-len`` positions, attention masked past the current
@@ -318,6 +319,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def kernel_table(fn, cuda: bool, top: int = 15):
+    """fn's result and its ``top`` kernels by total time under torch.profiler (on the CPU: ops),
+    each with its calls and time per call. CUPTI sees the kernels that CUDA graph replays launch,
+    so the graph steps are included; the profiler slows them a little."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        out = fn()
+    stats = [(e.key, e.count, e.device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()]
+    stats = sorted((s for s in stats if s[1] and s[2] > 0), key=lambda s: -s[2])[:top]
+    return out, [{"kernel": k[:120], "calls": c, "total_ms": round(t / 1e3, 3), "us_per_call": round(t / c, 2)}
+                 for k, c, t in stats]
+
+
+def timed(model, args, cuda: bool) -> dict:
+    """``measure``, with ``--profile`` also the kernels of the whole measurement (graph steps,
+    plain graph, eager steps) under "kernels"."""
+    if not args.profile:
+        return measure(model, args, cuda)
+    row, kernels = kernel_table(lambda: measure(model, args, cuda), cuda)
+    return {**row, "kernels": kernels}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama2-7b")
@@ -330,6 +354,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also record each variant's kernels (torch.profiler: "
+                   "calls and time per call, kernels inside the CUDA graphs included) in decode.json")
     p.add_argument("--bmma", action="store_true", help="also time every budget with ANYBIT_KERNELS=bmma (binary "
                    "tensor-core kernel for batch 1; keeps a re-tiled copy of the codes, reported as extra_gib)")
     args = p.parse_args(argv)
@@ -343,12 +369,12 @@ def main(argv=None) -> int:
             "device_name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     rows = [{"variant": "fp16" if cuda else "fp32", "bits": 16.0 if cuda else 32.0,
-             "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **measure(model, args, cuda)}]
+             "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **timed(model, args, cuda)}]
     print(json.dumps(rows[-1]), flush=True)
     for budget in args.budgets:
         to_anybit(model, MIXES[budget])
         row = {"variant": f"anybit {budget}", "bits": round(honest_bits(model), 4),
-               "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **measure(model, args, cuda)}
+               "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **timed(model, args, cuda)}
         if cuda:  # the kernels against the pure-torch path; the fused glue against the plain step
             plain = first_step_logits(model, args)
             row["logits_rel_err_vs_reference"] = rel_err(plain, first_step_logits(model, args, reference=True))
@@ -361,7 +387,7 @@ def main(argv=None) -> int:
                 plain = first_step_logits(model, args)
                 row = {"variant": f"anybit {budget}, bmma", "bits": rows[-1]["bits"],
                        "block_linear_gib": rows[-1]["block_linear_gib"],
-                       "extra_gib": round(bmma_operand_bytes(model) / 2**30, 3), **measure(model, args, cuda),
+                       "extra_gib": round(bmma_operand_bytes(model) / 2**30, 3), **timed(model, args, cuda),
                        "logits_rel_err_vs_reference": rel_err(plain, first_step_logits(model, args, reference=True)),
                        "logits_rel_err_fused_vs_plain": rel_err(first_step_logits(model, args, fuse=True), plain)}
             row["speedup_vs_fp16"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)

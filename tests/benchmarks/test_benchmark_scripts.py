@@ -70,6 +70,16 @@ def test_decode_script_smoke(tmp_path):
     assert rows[1]["bits"] > rows[2]["bits"] > rows[3]["bits"]
 
 
+def test_decode_script_profile_lists_each_variants_kernels(tmp_path):
+    assert decode.main(["--smoke", "--budgets", "3.25", "--profile", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    for row in rows:
+        kernels = row["kernels"]
+        assert 0 < len(kernels) <= 15 and all(k["calls"] > 0 and k["us_per_call"] > 0 for k in kernels)
+        assert [k["total_ms"] for k in kernels] == sorted((k["total_ms"] for k in kernels), reverse=True)
+    assert any("linear" in k["kernel"] or "mm" in k["kernel"] for k in rows[0]["kernels"])
+
+
 def test_quantize_speed_script_smoke(tmp_path):
     assert quantize_speed.main(["--smoke", "--methods", "skim:3.25", "gptq:3:32", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "quantize_speed.json").read_text())["rows"]
