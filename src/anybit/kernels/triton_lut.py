@@ -591,7 +591,7 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     fragments = triton_mma.supports(x2, [b[1] for b in fragment_blocks])
     if mode is None:
         prepared = any(b[4] is not None for b in blocks)
-        if prepared and M <= bmma_batch_limit(blocks, fragments and M >= MMA_MIN_BATCH):
+        if prepared and M <= bmma_batch_limit(blocks, fragments):
             mode = "bmma"
         elif fragments and M >= MMA_MIN_BATCH:
             mode = "mma"
