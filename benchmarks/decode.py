@@ -19,7 +19,10 @@ linears (residual add + RMSNorm, rotary, SiLU-and-multiply) torch.compile fused;
 the plain step and the step launched from Python are reported beside it. The fused step also
 computes the linears that read one input as one stacked matrix (q/k/v, gate/up: 7 linear calls a
 block become 4), for fp16 (``nn.Linear`` of the concatenated weights) and anybit
-(``AnybitLinear.stacked``) alike, as inference engines do.
+(``AnybitLinear.stacked``) alike, as inference engines do. On a GPU where the tensor-core kernels
+run, ``AnybitLinear`` keeps the codes of its blocks of up to 4 bits in their tiled order only
+(after its first forward): "resident_gib" is what the block linears then hold, "block_linear_gib"
+the stored (checkpoint) size.
 Writes ``decode.json`` and ``decode.md`` to --out (default $OUT or the current directory).
 """
 
@@ -296,13 +299,12 @@ def kernels_env(value: str | None):
         _set_kernels_env(old)
 
 
-def bmma_operand_bytes(model) -> int:
-    """GPU bytes of the binary tensor-core operands the block linears keep under ANYBIT_KERNELS=bmma."""
-    total = 0
-    for _, _, m in block_linears(model):
-        for block in m.kernel_operands()["blocks"]:
-            total += sum(t.numel() * t.element_size() for t in block[4]) if len(block) > 4 else 0
-    return total
+def resident_bytes(model) -> int:
+    """Bytes the block linears hold on their device now: every buffer (AnybitLinear keeps the codes
+    of its blocks of up to 4 bits in the kernels' tiled order after its first GPU forward, padded to
+    whole tiles, with their subset coefficients) or the fp16 weight."""
+    return sum(sum(t.numel() * t.element_size() for t in (m.buffers() if isinstance(m, AnybitLinear) else [m.weight]))
+               for _, _, m in block_linears(model))
 
 
 def first_step_logits(model, args, fuse: bool = False, reference: bool = False) -> torch.Tensor:
@@ -356,8 +358,6 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--profile", action="store_true", help="also record each variant's kernels (torch.profiler: "
                    "calls and time per call, kernels inside the CUDA graphs included) in decode.json")
-    p.add_argument("--bmma", action="store_true", help="also time every budget with ANYBIT_KERNELS=bmma (binary "
-                   "tensor-core kernel for batch 1; keeps a re-tiled copy of the codes, reported as extra_gib)")
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.device, args.steps, args.eager_steps, args.max_len = "tiny", "cpu", 4, 4, 16
@@ -375,6 +375,7 @@ def main(argv=None) -> int:
         to_anybit(model, MIXES[budget])
         row = {"variant": f"anybit {budget}", "bits": round(honest_bits(model), 4),
                "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **timed(model, args, cuda)}
+        row["resident_gib"] = round(resident_bytes(model) / 2**30, 3)
         if cuda:  # the kernels against the pure-torch path; the fused glue against the plain step
             plain = first_step_logits(model, args)
             row["logits_rel_err_vs_reference"] = rel_err(plain, first_step_logits(model, args, reference=True))
@@ -382,24 +383,13 @@ def main(argv=None) -> int:
         row["speedup_vs_fp16"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if args.bmma and cuda:
-            with kernels_env("bmma"):
-                plain = first_step_logits(model, args)
-                row = {"variant": f"anybit {budget}, bmma", "bits": rows[-1]["bits"],
-                       "block_linear_gib": rows[-1]["block_linear_gib"],
-                       "extra_gib": round(bmma_operand_bytes(model) / 2**30, 3), **timed(model, args, cuda),
-                       "logits_rel_err_vs_reference": rel_err(plain, first_step_logits(model, args, reference=True)),
-                       "logits_rel_err_fused_vs_plain": rel_err(first_step_logits(model, args, fuse=True), plain)}
-            row["speedup_vs_fp16"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
     lines = [f"Decode, batch 1, {meta['shape']} ({meta['layers']} blocks), static cache {args.max_len}, "
              f"{meta['device_name']}, {meta['date']}", "",
-             "| variant | honest bits | block linears | tokens/s | x fp16 | tokens/s, graph without fusion | "
-             "tokens/s, eager |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | honest bits | block linears (stored / held) | tokens/s | x fp16 | tokens/s, graph without "
+             "fusion | tokens/s, eager |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        extra = f" + {r['extra_gib']} GiB bmma operands" if "extra_gib" in r else ""
-        lines.append(f"| {r['variant']} | {r['bits']} | {r['block_linear_gib']} GiB{extra} | {r['tokens_per_s']} | "
+        held = f" / {r['resident_gib']}" if "resident_gib" in r else ""
+        lines.append(f"| {r['variant']} | {r['bits']} | {r['block_linear_gib']}{held} GiB | {r['tokens_per_s']} | "
                      f"{r.get('speedup_vs_fp16', 1.0)} | {r.get('tokens_per_s_graph_unfused', '-')} | "
                      f"{r['tokens_per_s_eager']} |")
     text = "\n".join(lines) + "\n"

@@ -5,7 +5,9 @@
     python3 benchmarks/kernels.py --smoke         # tiny, CPU + TRITON_INTERPRET=1: exercises this file
 
 Per LLaMA-2-7B / LLaMA-3-8B linear shape (out x in), width (2, 3, 4 bits, and 3.25 = 75% 3-bit
-+ 25% 4-bit rows as two row blocks) and batch (1, 2, 4, 8, 16): the kernel's time per call (N
++ 25% 4-bit rows as two row blocks) and batch (1, 2, 4, 8, 16): the time per call of what
+``launch_blocks`` runs on the blocks as ``AnybitLinear`` keeps them (``kept_blocks``: tiled codes
+for blocks of up to 4 bits where the tensor-core kernels run) (N
 calls over N weight buffers, 3x the L2 in all, captured in one CUDA graph; the replay timed with
 ``triton.testing.do_bench``, median, L2 cleared before each replay), torch fp16 ``F.linear`` timed
 the same way, the bytes the kernel must read and write (codes + codebooks + row indices + x + y),
@@ -42,7 +44,7 @@ if "anybit" not in sys.modules:  # import the kernels without the package's __in
     _pkg.__path__ = [os.path.join(SRC, "anybit")]
     sys.modules["anybit"] = _pkg
 
-from anybit.kernels import lut_linear_ref  # noqa: E402
+from anybit.kernels import lut_linear_ref, tiled_codes_supported  # noqa: E402
 from random_llama import random_lut_block  # noqa: E402
 from anybit.kernels import triton_lut as tk  # noqa: E402
 from anybit.kernels.reference import add_outliers_ref  # noqa: E402
@@ -84,13 +86,14 @@ def make_matrix(out_f, in_f, width, device, lut_dtype, gen):
     return blocks
 
 
-def prepared_for(mats):
-    """The matrices with ``triton_bmma.prepare_block``'s operands as each block's fifth element,
-    made once per matrix, so that timing the "bmma" mode leaves their making out."""
+def kept_blocks(mats):
+    """The matrices as ``AnybitLinear`` keeps them where the tensor-core kernels run: blocks of up
+    to 4 bits as ``triton_bmma.prepare_block``'s operands alone (codes in the tiled order, no stored
+    copy), made once per matrix so that no timing includes their making."""
     from anybit.kernels import triton_bmma
 
-    return [[(c, lut, b, r, triton_bmma.prepare_block(c, lut, b) if b <= triton_bmma.MAX_BITS else None)
-             for c, lut, b, r in m] for m in mats]
+    return [[(None, lut, b, r, triton_bmma.prepare_block(c, lut, b)) if b <= triton_bmma.MAX_BITS
+             else (c, lut, b, r, None) for c, lut, b, r in m] for m in mats]
 
 
 def block_bytes(blocks, in_f, out_f, batch, elem):
@@ -286,7 +289,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="only run a few kernels once (for ncu)")
     ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sweeps/cases are skipped")
     ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: warps,STAGES; mma: KS,RT as "
-                    "their modules' launch, empty for the rule; with --configs every batch is swept), e.g. "
+                    "their modules' launch, empty for the rule, on the tiled codes; mma-stored: the same on the "
+                    "stored order; with --configs every batch is swept), e.g. "
                     "'fma:4,32,4,2,1,0,1;fma:4,32,4,2,2,0,1' (fields as triton_lut.config_for)")
     args = ap.parse_args()
     sweep_configs = SWEEP
@@ -343,13 +347,14 @@ def main():
         mats += [make_matrix(out_f, in_f, width, device, torch.float16, gen) for _ in range(nbuf - 1)]
         ws = [(torch.randn(out_f, in_f, device=device) * 0.02).to(torch.float16)
               for _ in range(n_buffers(out_f * in_f * 2, device))]
-        bmma_mats = None  # prepared_for(mats), made by the first "bmma" config that needs it
+        # what AnybitLinear keeps and runs by default; the stored order for the "-stored" sweep modes
+        kept = kept_blocks(mats) if tiled_codes_supported(device) else mats
         for batch in batches:
             x = torch.randn(batch, in_f, generator=gen).to(device, torch.float16)
             y = torch.full((batch, out_f), float("nan"), dtype=torch.float16, device=device)
-            run_blocks(x, mats[0], y)
+            run_blocks(x, kept[0], y)
             err = check_case(x, mats[0], out_f, y)
-            t_k = bench_calls([lambda m=m: run_blocks(x, m, y) for m in mats], device)
+            t_k = bench_calls([lambda m=m: run_blocks(x, m, y) for m in kept], device)
             t_f = bench_calls([lambda w=w: F.linear(x, w) for w in ws], device)
             nbytes = block_bytes(mats[0], in_f, out_f, batch, 2)
             gbs = nbytes / (t_k * 1e-3) / 1e9
@@ -361,27 +366,28 @@ def main():
                 f"  {gbs:7.0f} GB/s  {row['pct_copy']:5.1f}%  x{row['speedup']:.2f}  err {err:.1e}")
             if sweep_now and (batch in (1, 2, 16) or args.configs):  # other batches: when asked for
                 plan = [(m, c, True) for m, c in sweep_configs
-                        if m in ("fma", "bmma", "mma") or batch > 1 or c[5] == 0]
+                        if m in ("fma", "bmma", "mma", "mma-stored") or batch > 1 or c[5] == 0]
                 if batch > 1:
-                    plan = [p for p in plan if p[0] == "dot" or batch == 2 or p[0] in ("bmma", "mma") and args.configs]
+                    plan = [p for p in plan if p[0] == "dot" or batch == 2
+                            or p[0] in ("bmma", "mma", "mma-stored") and args.configs]
                 if width != "3.25" and batch == 1 and not args.configs:
                     plan.append(("fma", SWEEP[0][1], False))
                 for mode, cfg, asm in plan:
                     try:
                         yy = torch.full_like(y, float("nan"))
-                        if mode == "bmma" and bmma_mats is None:
-                            bmma_mats = prepared_for(mats)
-                        runs = bmma_mats if mode == "bmma" else mats
-                        run_blocks(x, runs[0], yy, mode, cfg, asm)
+                        # bmma and mma read the tiled codes; "mma-stored": the fragment kernel on the stored order
+                        runs = kept if mode in ("bmma", "mma") else mats
+                        run = "mma" if mode == "mma-stored" else mode
+                        run_blocks(x, runs[0], yy, run, cfg, asm)
                         e = check_case(x, mats[0], out_f, yy)
-                        t = bench_calls([lambda m=m: run_blocks(x, m, yy, mode, cfg, asm) for m in runs], device)
+                        t = bench_calls([lambda m=m: run_blocks(x, m, yy, run, cfg, asm) for m in runs], device)
                     except Exception as ex:  # a config that does not compile or fit
                         log(f"    sweep {mode} {cfg} asm={asm}: {type(ex).__name__}: {str(ex)[:300]}")
                         continue
                     sweeps.append(dict(shape=f"{out_f}x{in_f}", width=width, batch=batch, mode=mode,
                                        config=list(cfg), asm=asm, us=t * 1e3, rel_err=e))
                     log(f"    sweep {mode} {cfg} asm={asm}: {t * 1e3:8.2f} us err {e:.1e}")
-        del mats, ws, bmma_mats
+        del mats, ws, kept
         if device == "cuda":
             torch.cuda.empty_cache()
 

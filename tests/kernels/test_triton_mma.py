@@ -38,6 +38,14 @@ def test_x_fragments_hold_the_columns_the_kernel_pairs(cols, scaled):
     assert torch.equal(halves.permute(2, 0, 1, 3, 4), full[:, col])
 
 
+def test_row_scales_fit_bf16_rows_into_fp16_without_rounding():
+    x = torch.tensor([[1e6, -3.0, 2.0**-7 * 1.5, 0.0], [1e-3, 5e-4, -1e-3, 0.0], [0.0] * 4]).bfloat16()
+    scales = tm.row_scales(x)
+    scaled = x.float() / scales[:, None]
+    assert scaled.abs().amax() <= 2.0**14 and torch.all(torch.log2(scales) == torch.round(torch.log2(scales)))
+    assert torch.equal((scaled.half().float() * scales[:, None]), x.float())  # every bf16 bit kept
+
+
 def run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
     """Interpret the integer instructions of ``fragment_asm`` (the mma line is skipped)."""
     env = dict(regs)
@@ -124,7 +132,7 @@ def test_launch_rule_splits_k_for_short_matrices_and_pairs_row_tiles_past_8_rows
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("widths,batch,extra", [
     ((1,), 2, ""), ((2,), 9, ""), ((3,), 2, ""), ((4,), 16, "ridx"), ((3, 4), 5, "ridx"), ((1, 2, 3), 3, "scale"),
-    ((2, 8), 12, "ridx"), ((3,), 8, "cfg"), ((4,), 13, "cfg"),
+    ((2, 8), 12, "ridx"), ((3,), 8, "cfg"), ((4,), 13, "cfg"), ((3, 4), 7, "bf16"), ((2,), 12, "bf16 scale"),
 ])
 def test_mma_cuda_matches_reference(widths, batch, extra):
     from anybit.kernels import triton_lut
@@ -135,21 +143,22 @@ def test_mma_cuda_matches_reference(widths, batch, extra):
     out_f = rows + 5 if "ridx" in extra else rows
     dest = torch.randperm(out_f, generator=gen)[:rows] if "ridx" in extra else torch.arange(rows)
     scale = (torch.rand(cols, generator=gen) + 0.5).half() if "scale" in extra else None
-    x = torch.randn(batch, cols, generator=gen).half()
-    blocks, ref = [], torch.full((batch, out_f), float("nan"), dtype=torch.float16)
+    xdt = torch.bfloat16 if "bf16" in extra else torch.float16
+    x = (torch.randn(batch, cols, generator=gen) * (3e5 if xdt == torch.bfloat16 else 1)).to(xdt)  # past fp16's range
+    blocks, ref = [], torch.full((batch, out_f), float("nan"), dtype=torch.float32)
     for i, bits in enumerate(widths):
         members = (owner == i).nonzero().squeeze(1)
         codes = torch.randint(0, 2**bits, (members.numel(), cols), generator=gen)
         packed, lut = pack_bitplanes(codes, bits), (torch.randn(members.numel(), 2**bits, generator=gen) * 0.05).half()
-        lut_linear_ref(x, packed, lut, bits, cols, dest[members], ref, input_scale=scale)
+        lut_linear_ref(x.float(), packed, lut, bits, cols, dest[members], ref, input_scale=scale)
         blocks.append((packed.cuda(), lut.cuda(), bits, dest[members].cuda()))
-    y = torch.full((batch, out_f), float("nan"), dtype=torch.float16, device="cuda")
+    y = torch.full((batch, out_f), float("nan"), dtype=xdt, device="cuda")
     config = (2, 2) if extra == "cfg" else None  # else the rule
     # the default for 2..16 rows of fp16 x; "mma" named only with a config (wider blocks: the dot kernel)
     mode = "mma" if config else None
     triton_lut.launch_blocks(x.cuda(), blocks, cols, y, None if scale is None else scale.cuda(), mode=mode,
                              config=config)
     written = torch.isfinite(ref)
-    got = y.cpu()
+    got = y.cpu().float()
     assert torch.isnan(got[~written]).all(), "rows outside row_index were written"
-    assert rel_err(got[written], ref[written]) < TOL
+    assert rel_err(got[written], ref[written]) < (1e-2 if xdt == torch.bfloat16 else TOL)  # bf16 output: 2**-9

@@ -5,6 +5,7 @@ from anybit.nn import AnybitLinear
 from anybit.nn import linear as linear_module
 from anybit.nn.reference import codes_at
 from anybit.formats.bitpack import pack_bitplanes
+from anybit.formats.packed import codes_name
 from tests.formats.random_qweights import all_kinds, random_lut, with_extras
 
 KINDS = all_kinds()
@@ -124,29 +125,68 @@ def test_kernel_operands_follow_weights_loaded_in_place(monkeypatch):
     assert torch.allclose(first(x), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_bmma_operands_kept_when_requested(monkeypatch, device):
-    """ANYBIT_KERNELS=bmma: blocks of up to 4 bits carry the binary tensor-core operands and the
-    product is unchanged (on CUDA the Gluon kernel runs them at batches up to 3 or 4, wider blocks
-    the FMA / dot kernels; on the CPU the kernels' reference stands in)."""
+def test_tiled_codes_are_the_one_copy_and_the_stored_layout_comes_back(monkeypatch):
+    """keep_tiled_codes (what a GPU forward does where the tensor-core kernels run): blocks of up
+    to 4 bits keep their codes in the tiled order only; the checkpoint layout, the packed tensors,
+    the products (dense and block-by-block) and loading in place are unchanged."""
     import anybit.kernels as kernels
 
-    q = with_extras(random_lut(40, 300, 0, seed=3), seed=3)
-    module = AnybitLinear.from_quantized(q).to(device)
-    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(3)).to(device)
-    dense = torch.nn.functional.linear(x, module.dequantize(torch.float32))
-    monkeypatch.setenv("ANYBIT_KERNELS", "bmma")
-    if device == "cpu":
-        monkeypatch.setattr(linear_module, "_kernels", lambda: kernels)
-        monkeypatch.setattr(AnybitLinear, "uses_kernel", lambda self, x: True)
-    for batch in (1, 2):
-        err = float((module(x[:batch]) - dense[:batch]).norm() / dense[:batch].norm())
-        assert err < 1e-3, err  # the kernels' tolerance (fp16 products in the FMA kernel)
-    kept = {b[2]: len(b) > 4 for b in module.kernel_operands()["blocks"]}
-    assert kept and all(has == (bits <= 4) for bits, has in kept.items()), kept
-    monkeypatch.delenv("ANYBIT_KERNELS")  # the cached operands follow the setting
-    assert all(len(b) == 4 for b in module.kernel_operands()["blocks"])
+    q = with_extras(random_lut(40, 300, 0, seed=3, widths=(2, 6)), seed=3)
+    module = AnybitLinear.from_quantized(q)
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(3))
+    want, saved = module(x), {k: v.clone() for k, v in module.state_dict().items()}
+    module.keep_tiled_codes()
+    narrow = [bits for bits in module.spec.blocks if bits <= 4]
+    assert narrow and module.tiled_widths() == narrow
+    assert all(codes_name(b) not in dict(module.named_buffers()) for b in narrow)
+    assert all(codes_name(b) in dict(module.named_buffers()) for b in module.spec.blocks if b > 4)
+    state = module.state_dict()
+    assert list(state) == list(saved) or set(state) == set(saved)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert all(torch.equal(t, saved[k]) for k, t in module.packed().items())
+    assert torch.equal(module(x), want)  # the dense path untiles
+    monkeypatch.setattr(linear_module, "_kernels", lambda: kernels)
+    monkeypatch.setattr(AnybitLinear, "uses_kernel", lambda self, x: True)
+    blocks = module.kernel_operands()["blocks"]
+    assert all((b[0] is None) == (b[2] <= 4) and (b[4] is not None) == (b[2] <= 4) for b in blocks)
+    assert torch.allclose(module(x), want, atol=1e-4, rtol=1e-4)  # block by block, codes untiled per call
+    module.half().float()  # casts keep the tiled codes and coefficients as they are
+    assert module.tiled_widths() == narrow
+    other = AnybitLinear.from_quantized(with_extras(random_lut(40, 300, 0, seed=3, widths=(2, 6)), seed=4))
+    other.keep_tiled_codes()
+    other.load_state_dict(module.state_dict())  # back to the stored order, then loaded in place
+    assert other.tiled_widths() == [] and torch.allclose(other(x), want, atol=1e-4, rtol=1e-4)
+    module.keep_stored_codes()
+    assert module.tiled_widths() == [] and not any(n.startswith("tiled_") for n, _ in module.named_buffers())
+    assert all(torch.equal(t, saved[k]) for k, t in module.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_forward_keeps_one_tiled_copy_and_matches_dense(dtype):
+    """On a GPU the first forward tiles the blocks of up to 4 bits (the stored codes are dropped,
+    so the codes' memory does not double) and every batch, through each kernel, matches the dense
+    product: 1-2 rows binary tensor cores, 3-16 the fragment kernel (fp16) or the dot kernel
+    (bf16, codes untiled per call), 17 rows the dot kernel."""
+    import anybit.kernels as kernels
+
+    q = with_extras(random_lut(200, 600, 0, seed=5, widths=(2, 5)), seed=5)
+    module = AnybitLinear.from_quantized(q)
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    module = module.cuda()
+    stored = sum(t.numel() * t.element_size() for t in module.packed().values())
+    x = torch.randn(17, 600, generator=torch.Generator().manual_seed(5)).cuda().to(dtype)
+    dense = torch.nn.functional.linear(x.float(), module.dequantize(torch.float32))
+    for batch in (1, 2, 3, 8, 17):
+        err = float((module(x[:batch]).float() - dense[:batch]).norm() / dense[:batch].norm())
+        assert err < 1e-2 if dtype == torch.bfloat16 else err < 1e-3, (batch, err)
+    if kernels.tiled_codes_supported(x.device):
+        assert module.tiled_widths() == [b for b in module.spec.blocks if b <= 4]
+        resident = sum(t.numel() * t.element_size() for t in module.buffers())
+        assert resident < 1.5 * stored, (resident, stored)  # padding and coefficients, not a second copy
+    assert all(torch.equal(t.cpu(), saved[k]) for k, t in module.state_dict().items())  # the checkpoint layout
+    on_cpu = module.cpu()
+    assert torch.allclose(on_cpu(x[:3].cpu().float()), dense[:3].cpu(), atol=1e-2, rtol=1e-2)
 
 
 def test_stacked_module_computes_the_linears_outputs_in_turn():

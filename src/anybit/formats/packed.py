@@ -236,7 +236,7 @@ def unit_widths(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> torch.Ten
     if "widths" in tensors:
         return tensors["widths"]
     (bits,) = spec.blocks
-    return torch.full((spec.units,), bits, dtype=torch.uint8, device=tensors[codes_name(bits)].device)
+    return torch.full((spec.units,), bits, dtype=torch.uint8, device=next(iter(tensors.values())).device)
 
 
 def unpack_weight(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:

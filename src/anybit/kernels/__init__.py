@@ -12,14 +12,15 @@ Public entry points:
   once the block is written -- pass it with one block only.
 - ``lut_linear_blocks(x, blocks, out_features, *, input_scale=None, outliers=None, out=None)``:
   a mixed-width matrix as its width blocks ``(codes, lut, bits, row_index)`` (a fifth element,
-  ``triton_bmma.prepare_block``'s operands, is passed on to ``launch_blocks``), all writing straight
-  into one output: at batch 1 one launch for up to three blocks, else one per block; one more for
-  the outliers.
+  ``triton_bmma.prepare_block``'s operands: subset coefficients and the codes in the tiled order
+  of ``tiling``, is passed on to ``launch_blocks``; with it the codes may be None), all writing
+  straight into one output: at batch 1 one launch for up to two blocks, one more for the outliers.
 
 On CUDA tensors these run the Triton kernels (``triton_lut``); elsewhere, or with
 ``ANYBIT_KERNELS=reference`` in the environment, the pure-torch reference (``reference``), which
-is the same function. ``ANYBIT_KERNELS=bmma`` makes ``AnybitLinear`` keep the binary tensor-core
-operands for decoding (``bmma_requested``). Activations fp16, bf16 or fp32; accumulation in fp32. For batch-1
+is the same function. Where ``tiled_codes_supported``, ``AnybitLinear`` keeps the codes of its
+blocks of up to 4 bits in the tiled order only (one copy), which the tensor-core kernels read.
+Activations fp16, bf16 or fp32; accumulation in fp32. For batch-1
 decoding capture the model in a CUDA graph, as the benchmarks do (benchmarks/kernels.py,
 benchmarks/decode.py), or Python launch overhead dominates.
 """
@@ -38,6 +39,7 @@ from anybit.kernels.reference import (
     lut_linear_ref,
     output_for,
 )
+from anybit.kernels.tiling import KTILE, stored_codes, tile_shape
 
 __all__ = ["lut_linear", "lut_linear_blocks", "lut_linear_ref", "triton_available", "use_triton"]
 
@@ -57,11 +59,17 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
-def bmma_requested() -> bool:
-    """``ANYBIT_KERNELS=bmma``: quantized linears keep the binary tensor-core kernel's operands
-    (``triton_bmma.prepare_block``: a second, re-tiled copy of the codes on the GPU) and use that
-    kernel for batches of up to 2 rows (``triton_lut.bmma_batch_limit``): faster decoding for more memory."""
-    return os.environ.get("ANYBIT_KERNELS", "").lower() == "bmma"
+def tiled_codes_supported(device) -> bool:
+    """Whether the tensor-core kernels run for inputs on ``device`` (Triton with Gluon, a GPU of
+    compute capability 8.0 or newer): then blocks of up to 4 bits are best kept as
+    ``triton_bmma.prepare_block``'s operands alone (binary tensor cores for 1-2 rows of x, the
+    fragment kernel for 3-16 rows of fp16 x; the other kernels untile them per call)."""
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get("ANYBIT_KERNELS", "").lower() == "reference" or not triton_available():
+        return False
+    from anybit.kernels import triton_bmma
+
+    return triton_bmma.available() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _triton():
@@ -99,6 +107,18 @@ def lut_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, bits: in
     return y2.view(*lead, y2.shape[-1])
 
 
+def _check_kernel_block(block, in_features: int) -> None:
+    codes, lut, bits = block[:3]
+    if codes is not None:
+        check_block(codes, lut, int(bits), in_features)
+        return
+    prepared = block[4] if len(block) > 4 else None
+    row_tiles, kt = tile_shape(lut.shape[0], -(-in_features // 32))
+    if prepared is None or prepared[1].numel() != row_tiles * 16 * kt * KTILE * int(bits):
+        raise ValueError("a block without codes needs its tiled codes (triton_bmma.prepare_block) for "
+                         f"{lut.shape[0]} rows x {in_features} columns at {int(bits)} bits")
+
+
 def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features: int, *,
                       input_scale: torch.Tensor | None = None, outliers=None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,13 +130,14 @@ def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features:
     if use_triton(x):
         lead, x2, y2 = _prepare(x, in_features, out, 0, 0, out_features)
         tk = _triton()
-        for codes, lut, bits, _row_index, *_prepared in blocks:
-            check_block(codes, lut, int(bits), in_features)
+        for block in blocks:
+            _check_kernel_block(block, in_features)
         tk.launch_blocks(x2, [(b[0], b[1], int(b[2]), *b[3:]) for b in blocks], in_features, y2, input_scale)
         if outliers is not None:
             tk.launch_outliers(x2, *csr_parts(outliers), y2)
         return out
-    for codes, lut, bits, row_index, *_prepared in blocks:
+    for block in blocks:
+        codes, lut, bits, row_index = stored_codes(block, in_features), *block[1:4]
         lut_linear_ref(x, codes, lut, int(bits), in_features, row_index, out, input_scale=input_scale)
     if outliers is not None:
         add_outliers_ref(x.reshape(-1, in_features), outliers, out.view(-1, out_features))

@@ -11,7 +11,7 @@ row, chunk of 32 columns and bit), and a mask is one AND of plane words. With x 
 point ``x = s_m * X``, ``X = sum_i w_i * bit_i(X)`` (two's complement: ``w_i = 2**i``, the sign
 plane ``-2**23``), the inner sums are ``s_m * sum_i w_i * popcount(mask_T AND xplane_i)``: one
 ``mma.m16n8k256 .b1 .and.popc`` covers 16 rows x 256 columns x 8 planes, on the codes' words
-(re-ordered once by ``tile_codes`` so that a warp's words of a tile are contiguous). No weight is
+(in the tiled order of ``anybit.kernels.tiling``: a warp's words of a tile contiguous). No weight is
 ever decoded.
 
 Exactness: the popcounts are integers (int32 accumulators, exact); each group of 8 planes is
@@ -24,10 +24,9 @@ Work per 16 rows x 256 columns: ``2**b`` masks x 3 plane groups of 8 mma (b <= 3
 two warps, 8 masks each); a program's warps may also split K (``warps_for``), summing in shared
 memory at the end. Widths 1..4 run here, wider blocks on ``triton_lut``'s kernels. Used by
 ``triton_lut.launch_blocks`` for up to 2 rows of x (3 or 4 where ``triton_mma`` cannot serve the
-call: ``bmma_batch_limit``) when the blocks
-come with ``prepare_block``'s operands (``AnybitLinear`` keeps them under ``ANYBIT_KERNELS=bmma``:
-the re-tiled codes are a second copy), or with ``mode="bmma"``; measurements and what limits it:
-benchmarks/KERNEL_NOTES.md.
+call: ``bmma_batch_limit``) when the blocks come with ``prepare_block``'s operands (``AnybitLinear``
+keeps them instead of the stored codes on GPUs where this kernel runs: one copy), or with
+``mode="bmma"``; measurements and what limits it: benchmarks/KERNEL_NOTES.md.
 
 Two launches per call for up to two width blocks: ``_xplanes_kernel`` (portable Triton, also
 under the interpreter) writes the planes of x once for all blocks of a matrix, then the Gluon
@@ -48,9 +47,10 @@ try:  # Gluon: explicit layouts, needed to hand the mma its operand fragments (T
 except Exception:  # pragma: no cover - older Triton: the FMA kernels serve every width
     gluon = None
 
+from anybit.kernels.tiling import KTILE, tile_codes
+
 PLANES = 24  # fixed-point bits of x; 3 groups of 8 mma columns
 MAX_BITS = 4  # widths served here
-KTILE = 8  # chunks of 32 columns per mma (256 columns)
 # 128 registers a thread (no spills, checked in the SASS) let 4 warps share a scheduler's register
 # file instead of 3 (142 when free): a third more warps in flight, and one wave where it was 1.13.
 MAX_REGISTERS = 128
@@ -70,21 +70,6 @@ def subset_coefficients(lut: torch.Tensor, bits: int) -> torch.Tensor:
         has = idx[(idx >> p) & 1 == 1]
         c[:, has] -= c[:, has ^ (1 << p)]
     return c.to(torch.float32).contiguous()
-
-
-def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """The codes' words as the kernel reads them: flat int32 over (16-row tile, mma tile of 8
-    chunks, plane, 16 rows x 8 chunks row-major with the tile's even rows first), rows padded to
-    64 and chunks to 8 with zeros. A thread's words are rows 2g + i, chunks 2t + j (lane 4g + t):
-    for each i the warp's 32 pairs (j = 0, 1) are 256 contiguous bytes, one coalesced 8-byte load."""
-    rows, words = codes.shape
-    nchunk = words // bits
-    kt = -(-nchunk // KTILE)
-    r64 = -(-rows // 64) * 64
-    t = torch.zeros(r64, kt * KTILE, bits, dtype=torch.int32, device=codes.device)
-    t[:rows, :nchunk] = codes.view(rows, nchunk, bits)
-    t = t.view(r64 // 16, 8, 2, kt, KTILE, bits)  # row 2g + i of a tile: (g, i)
-    return t.permute(0, 3, 5, 2, 1, 4).contiguous().view(-1)
 
 
 def prepare_block(codes: torch.Tensor, lut: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,13 +359,13 @@ def warps_for(widths_rows, ktiles: int, batch: int) -> int:
 def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config=None):
     """Write every width block ``(codes, lut, bits, row_index[, prepared])`` (bits <= 4) of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``prepared``: ``prepare_block(codes, lut,
-    bits)``, worked out here when absent or None. ``planes``: ``x_planes(x2, input_scale)`` when
+    bits)``, worked out here when absent or None (with it the codes may be None). ``planes``: ``x_planes(x2, input_scale)`` when
     already made for this x. Blocks go two to a launch. ``config``: (warps per program, STAGES)
     instead of ``warps_for`` and 3 stages for two blocks, 4 for one (STAGES - 1 mma tiles in flight)."""
     M = x2.shape[0]
     # widest first: a program of a 4-bit tile has twice the masks of a 3-bit one, and programs start
     # in order, so the long ones start first (3.25 bits on the H100: 1-8% faster, KERNEL_NOTES v10)
-    blocks = sorted((b for b in blocks if b[0].shape[0] > 0), key=lambda b: -b[2])
+    blocks = sorted((b for b in blocks if b[1].shape[0] > 0), key=lambda b: -b[2])
     if M == 0 or not blocks:
         return y2
     xpl, xs = planes if planes is not None else x_planes(x2, input_scale)
@@ -391,7 +376,7 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
         args, consts = [], {}
         # 3 stages for two blocks, 4 for one (H100 sweeps: 3.25 bits 5-14% faster with 3, one block the same or
         # slower; KERNEL_NOTES v10)
-        nw, stages = config or (warps_for([(b[2], b[0].shape[0]) for b in pair], ktiles, M), 3 if len(pair) == 2 else 4)
+        nw, stages = config or (warps_for([(b[2], b[1].shape[0]) for b in pair], ktiles, M), 3 if len(pair) == 2 else 4)
         for name, block in zip("AB", pair):
             codes, lut, bits, row_index = block[:4]
             prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
@@ -399,14 +384,14 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
             ks = nw // (2 if bits == 4 else 1)
             if ks < 1 or MAX_KSPLIT % ks:
                 raise ValueError(f"{nw} warps do not split a {bits}-bit block along K into 1..{MAX_KSPLIT}")
-            args += [tiled, coef, row_index.contiguous() if row_index is not None else tiled, codes.shape[0]]
+            args += [tiled, coef, row_index.contiguous() if row_index is not None else tiled, lut.shape[0]]
             if name == "A":
-                args.append(triton.cdiv(codes.shape[0], 16))
+                args.append(triton.cdiv(lut.shape[0], 16))
             consts.update({f"BITS_{name}": bits, f"KS_{name}": ks, f"RIDX_{name}": row_index is not None})
         if len(pair) == 1:
             args += [xs, xs, xs, 0]
             consts.update(BITS_B=0, KS_B=1, RIDX_B=False)
-        tiles = sum(triton.cdiv(b[0].shape[0], 16) for b in pair)
+        tiles = sum(triton.cdiv(b[1].shape[0], 16) for b in pair)
         _bmma_kernel[(M, tiles)](xpl, xs, y2, ktiles, ktp, xpl.stride(0), y2.stride(0), *args, **consts,
                                  STAGES=stages, num_warps=nw, maxnreg=MAX_REGISTERS)
     return y2

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from anybit.kernels import triton_mma
+from anybit.kernels.tiling import stored_codes
 
 # ----------------------------------------------------------------------------- decoding helpers
 
@@ -498,7 +499,7 @@ def bmma_batch_limit(blocks, fragments: bool = False) -> int:
 
     if fragments:
         return BMMA_MAX_BATCH_WITH_FRAGMENTS
-    rows = [(b[2], b[0].shape[0]) for b in blocks if b[2] <= MAX_BITS]
+    rows = [(b[2], b[1].shape[0]) for b in blocks if b[2] <= MAX_BITS]
     mean = sum(bits * n for bits, n in rows) / max(1, sum(n for _, n in rows))
     return BMMA_MAX_BATCH if mean < 4 else BMMA_MAX_BATCH - 1
 
@@ -579,10 +580,11 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
     cores, CUDA only) takes the blocks of up to 4 bits, ``prepared`` being their
     ``triton_bmma.prepare_block`` (made per call when absent); wider blocks go to "fma" or "dot"
-    by batch as without operands. Split-K launches share one workspace per device: do not run them
-    concurrently on several streams."""
+    by batch as without operands. A block with ``prepared`` may come without its stored codes
+    (None): the tensor-core kernels read the tiled ones, the others get them untiled per call.
+    Split-K launches share one workspace per device: do not run them concurrently on several streams."""
     M = x2.shape[0]
-    blocks = [tuple(b[:4]) + (b[4] if len(b) > 4 else None,) for b in blocks if b[0].shape[0]]
+    blocks = [tuple(b[:4]) + (b[4] if len(b) > 4 else None,) for b in blocks if b[1].shape[0]]
     if not blocks or M == 0:
         return y2
     if x2.stride(-1) != 1:
@@ -611,6 +613,8 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
         mode, config = None, None
     if mode is None:
         mode = "fma" if M <= FMA_MAX_BATCH else "dot"
+    # the FMA and dot kernels read the stored order: blocks kept only tiled are untiled for the call
+    blocks = [(stored_codes(b, in_features), *b[1:]) if b[0] is None else b for b in blocks]
     if mode == "dot":
         for codes, lut, bits, row_index, _ in blocks:
             _launch_dot(x2, codes, lut, bits, in_features, y2, row_index, scale, config, use_asm)

@@ -21,7 +21,8 @@ block (rows 2g, 2g + 1; columns 2t, 2t + 1): our row 2g is the mma's row g, 2g +
 and the two columns are the fragment's two halves (k slots 2t.. and 2t + 8.., or two bit planes,
 or two codebook words), handed to the PTX through ``inline_asm_elementwise(pack=4)`` like
 ``triton_bmma``. Widths 1..4; wider blocks run on ``triton_lut``'s kernels. CUDA only (Gluon,
-sm_80+); fp16 codebooks, fp16 x (bf16 x goes to ``triton_lut``: its range does not fit fp16).
+sm_80+); fp16 codebooks, fp16 x, or bf16 x divided per row by a power of two (``row_scales``: its
+range does not fit fp16, its mantissa does) and the sums multiplied back.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ try:  # Gluon: explicit layouts (Triton >= 3.5)
 except Exception:  # pragma: no cover - older Triton: the other kernels serve every width
     gluon = None
 
+from anybit.kernels.tiling import KTILE, tile_shape
+
 MAX_BITS = 4  # widths decoded here (codebooks of up to 16 entries in 8 registers)
 MAX_BATCH = 16  # rows of x: two n-tiles of 8
 STEP_CHUNKS = 4 if gluon is None else gl.constexpr(4)  # chunks of 32 columns per K step: one per thread column t of a fragment
+TILE_CHUNKS = KTILE if gluon is None else gl.constexpr(KTILE)  # chunks per mma tile of the tiled order
 
 
 def available() -> bool:
@@ -46,18 +50,29 @@ def available() -> bool:
 
 
 def supports(x2: torch.Tensor, luts) -> bool:
-    """Whether a call can run here: fp16 x of up to 16 rows on CUDA, fp16 codebooks."""
-    return (gluon is not None and x2.is_cuda and x2.dtype == torch.float16 and 0 < x2.shape[0] <= MAX_BATCH
-            and all(lut.dtype == torch.float16 for lut in luts))
+    """Whether a call can run here: fp16 or bf16 x of up to 16 rows on CUDA, fp16 codebooks."""
+    return (gluon is not None and x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16)
+            and 0 < x2.shape[0] <= MAX_BATCH and all(lut.dtype == torch.float16 for lut in luts))
 
 
-def x_fragments(x2: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+def row_scales(x2: torch.Tensor) -> torch.Tensor:
+    """fp32 (M,): a power of two per row of x with ``max|x[m]| / scale[m] <= 2**14``, so that a bf16
+    row divided by it fits fp16 with every bf16 mantissa bit (down to 2**-28 of its largest value);
+    the kernel multiplies its sums by it. On the device, without a host synchronisation."""
+    _, exponent = torch.frexp(x2.float().abs().amax(1))  # max|x| < 2**exponent
+    return torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent - 14)
+
+
+def x_fragments(x2: torch.Tensor, input_scale: torch.Tensor | None = None,
+                scales: torch.Tensor | None = None) -> torch.Tensor:
     """int32 (chunks padded to whole steps, 8, M, 2): word [c, j, m, i] holds the fp16 pair
-    (x[m, 32c + 16i + j], x[m, 32c + 16i + j + 8]) (divided by ``input_scale`` per column when
-    given, then rounded to fp16), zeros past in_features. The rows of x are innermost so that a
-    warp's load of one mma's B fragments (8 rows x 4 chunks) touches few sectors."""
+    (x[m, 32c + 16i + j], x[m, 32c + 16i + j + 8]) (divided by ``input_scale`` per column and by
+    ``scales`` per row when given, then rounded to fp16), zeros past in_features. The rows of x are
+    innermost so that a warp's load of one mma's B fragments (8 rows x 4 chunks) touches few sectors."""
     M, K = x2.shape
     xs = x2 if input_scale is None else (x2.float() / input_scale.float())
+    if scales is not None:
+        xs = xs.float() / scales[:, None]
     xs = xs.to(torch.float16)
     padded = -(-K // (32 * STEP_CHUNKS)) * 32 * STEP_CHUNKS
     if padded != K:
@@ -136,12 +151,19 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
     fragment_constraints = gluon.constexpr_function(fragment_constraints)
 
     @gluon.jit
-    def _load_codes(crow, chunk, mask01, mask23, NCHUNK, BITS: gl.constexpr):
-        """Plane words 0/1 and 2/3 of the step starting at ``chunk`` (zeros past the matrix)."""
+    def _load_codes(crow, chunk, mask01, mask23, NCHUNK, BITS: gl.constexpr, TILED: gl.constexpr):
+        """Plane words 0/1 and 2/3 of the step starting at ``chunk`` (zeros past the matrix). ``crow``
+        points at plane 0/1 (by column) of chunk 0 of each row, in the stored or the tiled order."""
         inside = chunk < NCHUNK
-        c01 = gl.load(crow + chunk * BITS, mask=mask01 & inside, other=0)
+        if TILED:  # (mma tile, plane, 16 x 8 words) per 16-row tile: planes 128 words apart
+            at = crow + (chunk // TILE_CHUNKS) * (BITS * 128) + chunk % TILE_CHUNKS
+            far = 256
+        else:  # row-major, a chunk's planes side by side
+            at = crow + chunk * BITS
+            far = 2
+        c01 = gl.load(at, mask=mask01 & inside, other=0)
         if BITS > 2:
-            c23 = gl.load(crow + chunk * BITS + 2, mask=mask23 & inside, other=0)
+            c23 = gl.load(at + far, mask=mask23 & inside, other=0)
         else:
             c23 = gl.zeros_like(c01)
         return c01, c23
@@ -161,10 +183,13 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
 
     @gluon.jit
     def _mma_rows(tile, xf_ptr, codes_ptr, lut_ptr, ridx_ptr, y_ptr, M, R, NCHUNK, NSTEP, stride_xc, stride_xj, stride_cr,
-                  stride_lr, stride_ym, BITS: gl.constexpr, KS: gl.constexpr, RT: gl.constexpr, NT: gl.constexpr,
-                  HAS_RIDX: gl.constexpr):
+                  stride_lr, stride_ym, xs_ptr, BITS: gl.constexpr, KS: gl.constexpr, RT: gl.constexpr,
+                  NT: gl.constexpr, HAS_RIDX: gl.constexpr, TILED: gl.constexpr, HAS_XS: gl.constexpr):
         """Rows [tile * 16 * RT, +16 * RT) of one width block against every row of x. ``lut_ptr``:
-        the fp16 codebooks as int32 words (two entries each), ``stride_lr`` in words."""
+        the fp16 codebooks as int32 words (two entries each), ``stride_lr`` in words. Codes in the
+        stored order (``stride_cr`` words a row) or, ``TILED``, in ``tiling.tile_codes``' order
+        (``stride_cr`` words a 16-row tile, NCHUNK a whole number of mma tiles). ``HAS_XS``: x was
+        divided by ``xs_ptr[m]`` per row (``row_scales``) and the sums are multiplied back."""
         L4: gl.constexpr = gl.BlockedLayout([1, 1, 2, 2], [1, 1, 8, 4], [KS, 1, 1, 1], [3, 2, 1, 0])
         ks = gl.arange(0, KS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))[:, None, None, None]
         rt = gl.arange(0, RT, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))[None, :, None, None]
@@ -188,7 +213,11 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
             l3 = gl.load(lrow + 6, mask=rmask, other=0)
         # plane words: column (2t + i) holds plane i (i + 2 in the second tensor) of chunk c0 + t
         chunk = ks * STEP_CHUNKS + col // 2  # (KS, 1, 1, 8), the first step of each warp along K
-        crow = codes_ptr + rows_c * stride_cr + half
+        if TILED:  # row 2g + i of its 16-row tile sits at word row 8i + g (``tiling``)
+            inner = (r % 2) * 8 + r // 2
+            crow = codes_ptr + (tile * RT + rt).to(gl.int64) * stride_cr + inner * 8 + half * 128
+        else:
+            crow = codes_ptr + rows_c * stride_cr + half
         cmask = rmask & (half < BITS)  # planes 0/1; planes 2/3 below
         cmask23 = rmask & (half + 2 < BITS)
         # x fragments: row 2g + h of a (16, 8) tile is x row 8h + g (n-tile h), column 2t + i its b_i
@@ -200,12 +229,12 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
         ncp = NSTEP * STEP_CHUNKS
         acc0 = gl.zeros([KS, RT, 16, 8], gl.float32, L4)
         acc1 = gl.zeros([KS, RT, 16, 8], gl.float32, L4)
-        c01, c23 = _load_codes(crow, chunk, cmask, cmask23, NCHUNK, BITS)
+        c01, c23 = _load_codes(crow, chunk, cmask, cmask23, NCHUNK, BITS, TILED)
         for it in range(0, gl.cdiv(NSTEP, KS)):
             # the next step's plane words load while this one is decoded (loading x earlier, or two
             # steps ahead, measured no faster: H100, KERNEL_NOTES)
             nxt = chunk + KS * STEP_CHUNKS
-            n01, n23 = _load_codes(crow, nxt, cmask, cmask23, NCHUNK, BITS)
+            n01, n23 = _load_codes(crow, nxt, cmask, cmask23, NCHUNK, BITS, TILED)
             xc = xrow + chunk * stride_xc
             xm = xmask & (chunk < ncp)
             for j in gl.static_range(8):
@@ -225,30 +254,35 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
             dst = gl.load(ridx_ptr + rows3, mask=rm3, other=0)
         else:
             dst = rows3
+        if HAS_XS:
+            y0 = y0 * gl.load(xs_ptr + n3, mask=n3 < M, other=1.0)
         gl.store(y_ptr + n3.to(gl.int64) * stride_ym + dst, y0.to(y_ptr.dtype.element_ty), mask=rm3 & (n3 < M))
         if NT == 2:
             y1 = gl.sum(acc1, axis=0)
+            if HAS_XS:
+                y1 = y1 * gl.load(xs_ptr + n3 + 8, mask=n3 + 8 < M, other=1.0)
             gl.store(y_ptr + (n3 + 8).to(gl.int64) * stride_ym + dst, y1.to(y_ptr.dtype.element_ty),
                      mask=rm3 & (n3 + 8 < M))
 
     @gluon.jit
-    def _mma_kernel(xf_ptr, y_ptr, M, NSTEP, stride_xc, stride_xj, stride_ym,
+    def _mma_kernel(xf_ptr, xs_ptr, y_ptr, M, NSTEP, stride_xc, stride_xj, stride_ym,
                     codes_a, lut_a, ridx_a, rows_a, nchunk_a, stride_ca, stride_la, tiles_a,
                     codes_b, lut_b, ridx_b, rows_b, nchunk_b, stride_cb, stride_lb,
-                    BITS_A: gl.constexpr, RIDX_A: gl.constexpr, BITS_B: gl.constexpr, RIDX_B: gl.constexpr,
-                    KS: gl.constexpr, RT: gl.constexpr, NT: gl.constexpr):
+                    BITS_A: gl.constexpr, RIDX_A: gl.constexpr, TILED_A: gl.constexpr, BITS_B: gl.constexpr,
+                    RIDX_B: gl.constexpr, TILED_B: gl.constexpr, KS: gl.constexpr, RT: gl.constexpr, NT: gl.constexpr,
+                    HAS_XS: gl.constexpr):
         """Program ``tile``: one tile of 16 * RT rows of block a (tiles [0, tiles_a)) or of block b
         (the rest; BITS_B = 0: no block b), so that a mixed-width matrix is one launch."""
         tile = gl.program_id(0)
         if BITS_B == 0:
             _mma_rows(tile, xf_ptr, codes_a, lut_a, ridx_a, y_ptr, M, rows_a, nchunk_a, NSTEP, stride_xc, stride_xj,
-                      stride_ca, stride_la, stride_ym, BITS_A, KS, RT, NT, RIDX_A)
+                      stride_ca, stride_la, stride_ym, xs_ptr, BITS_A, KS, RT, NT, RIDX_A, TILED_A, HAS_XS)
         elif tile < tiles_a:
             _mma_rows(tile, xf_ptr, codes_a, lut_a, ridx_a, y_ptr, M, rows_a, nchunk_a, NSTEP, stride_xc, stride_xj,
-                      stride_ca, stride_la, stride_ym, BITS_A, KS, RT, NT, RIDX_A)
+                      stride_ca, stride_la, stride_ym, xs_ptr, BITS_A, KS, RT, NT, RIDX_A, TILED_A, HAS_XS)
         else:
             _mma_rows(tile - tiles_a, xf_ptr, codes_b, lut_b, ridx_b, y_ptr, M, rows_b, nchunk_b, NSTEP, stride_xc,
-                      stride_xj, stride_cb, stride_lb, stride_ym, BITS_B, KS, RT, NT, RIDX_B)
+                      stride_xj, stride_cb, stride_lb, stride_ym, xs_ptr, BITS_B, KS, RT, NT, RIDX_B, TILED_B, HAS_XS)
 
 
 def config_for(blocks, nstep: int, batch: int) -> tuple[int, int]:
@@ -269,36 +303,52 @@ def config_for(blocks, nstep: int, batch: int) -> tuple[int, int]:
 
 
 def launch(x2, blocks, in_features, y2, input_scale=None, *, config=None):
-    """Write every width block ``(codes, lut, bits, row_index, ...)`` (bits <= 4, fp16 codebooks)
-    of one matrix into y2 (M, out) from x2 (M <= 16, in); return y2. Blocks go two to a launch,
-    widest first. ``config``: (KS, RT) instead of ``config_for``."""
+    """Write every width block ``(codes, lut, bits, row_index[, prepared])`` (bits <= 4, fp16
+    codebooks) of one matrix into y2 (M, out) from x2 (M <= 16, in); return y2. Codes are read in
+    the tiled order when the block carries ``triton_bmma.prepare_block``'s operands (its codes may
+    then be None), else in the stored order. Blocks go two to a launch, widest first. ``config``:
+    (KS, RT) instead of ``config_for``."""
     M = x2.shape[0]
-    blocks = sorted((b for b in blocks if b[0].shape[0] > 0), key=lambda b: -b[2])
+    blocks = sorted((b for b in blocks if b[1].shape[0] > 0), key=lambda b: -b[2])
     if M == 0 or not blocks:
         return y2
-    xf = x_fragments(x2, input_scale)
+    # bf16 x: its range does not fit fp16, its 8 mantissa bits do once each row is scaled by a power of two
+    scales = None
+    if x2.dtype != torch.float16:
+        scales = row_scales(x2 if input_scale is None else x2.float() / input_scale.float())
+    xf = x_fragments(x2, input_scale, scales)
     nstep = xf.shape[0] // STEP_CHUNKS
+    nchunk = -(-in_features // 32)
     for i in range(0, len(blocks), 2):
         pair = blocks[i:i + 2]
-        ks, rt = config or config_for([(b[2], b[0].shape[0]) for b in pair], nstep, M)
+        ks, rt = config or config_for([(b[2], b[1].shape[0]) for b in pair], nstep, M)
         args, consts = [], {}
         tiles = 0
         for name, block in zip("AB", pair):
             codes, lut, bits, row_index = block[:4]
-            codes = codes.contiguous()
+            rows = lut.shape[0]
+            tiled = block[4][1] if len(block) > 4 and block[4] is not None else None
+            if tiled is not None:  # ``tiling.tile_codes``: whole mma tiles, a stride per 16-row tile
+                _, kt = tile_shape(rows, nchunk)
+                codes, stride, chunks = tiled, kt * bits * 128, kt * KTILE
+            else:
+                codes = codes.contiguous()
+                stride, chunks = codes.stride(0), nchunk
             lut = lut.contiguous()
             if lut.shape[1] % 2 or lut.data_ptr() % 4:  # whole int32 words per row
                 lut = F.pad(lut, (0, lut.shape[1] % 2))
             words = lut.view(torch.int32)
-            args += [codes, words, row_index.contiguous() if row_index is not None else codes, codes.shape[0],
-                     codes.shape[1] // bits, codes.stride(0), words.stride(0)]
+            args += [codes, words, row_index.contiguous() if row_index is not None else codes, rows, chunks, stride,
+                     words.stride(0)]
             if name == "A":
-                args.append(triton.cdiv(codes.shape[0], 16 * rt))
-            tiles += triton.cdiv(codes.shape[0], 16 * rt)
-            consts.update({f"BITS_{name}": bits, f"RIDX_{name}": row_index is not None})
+                args.append(triton.cdiv(rows, 16 * rt))
+            tiles += triton.cdiv(rows, 16 * rt)
+            consts.update({f"BITS_{name}": bits, f"RIDX_{name}": row_index is not None,
+                           f"TILED_{name}": tiled is not None})
         if len(pair) == 1:
             args += [xf, xf, xf, 0, 0, 0, 0]
-            consts.update(BITS_B=0, RIDX_B=False)
-        _mma_kernel[(tiles,)](xf, y2, M, nstep, xf.stride(0), xf.stride(1), y2.stride(0), *args, **consts, KS=ks,
-                              RT=rt, NT=1 if M <= 8 else 2, num_warps=ks)
+            consts.update(BITS_B=0, RIDX_B=False, TILED_B=False)
+        _mma_kernel[(tiles,)](xf, scales if scales is not None else xf, y2, M, nstep, xf.stride(0), xf.stride(1),
+                              y2.stride(0), *args, **consts, KS=ks, RT=rt, NT=1 if M <= 8 else 2,
+                              HAS_XS=scales is not None, num_warps=ks)
     return y2

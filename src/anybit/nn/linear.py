@@ -3,8 +3,10 @@
 The packed tensors are buffers named as in the checkpoint, so ``state_dict`` is the on-disk
 layout. Forward, where a GPU kernel exists for the grid (per-row codebooks on CUDA): permute the
 input once, then the kernels write every width block's rows straight into the output (input
-scale applied inside; at batch 1 one launch for up to three blocks), and one more launch adds
-the sparse outliers' correction; the weight is never decoded as a whole. Everywhere else the
+scale applied inside; one launch for up to two blocks), and one more launch adds the sparse
+outliers' correction; the weight is never decoded as a whole. Where the tensor-core kernels run,
+the first forward keeps the codes of blocks of up to 4 bits in their tiled order instead of the
+stored one (``keep_tiled_codes``: still one copy); ``state_dict`` and ``packed`` untile them. Everywhere else the
 pure-torch path decodes the weight (unpack + codebook lookup) for the one matmul and drops it:
 the same dense product the in-memory quantized model computes, so a saved-and-loaded model
 gives identical logits.
@@ -24,8 +26,14 @@ from anybit.formats.packed import (
     LinearSpec, affine_column_widths, codes_name, lut_name, outlier_rows_cols, pack_weight, scales_name,
     unit_widths, unpack_weight, zeros_name,
 )
+from anybit.kernels.tiling import untile_codes
 from anybit.nn import reference
 from anybit.quant.qweight import QuantizedWeight, stack_rows
+
+
+# Non-persistent buffers of ``keep_tiled_codes``: a block's codes in the tiled order, its subset coefficients.
+TILED_CODES = "tiled_codes_{}"
+SUBSET_COEF = "subset_coef_{}"
 
 
 @functools.cache
@@ -69,11 +77,60 @@ class AnybitLinear(nn.Module):
         if any(b is not None for b in biases):
             like = next(b for b in biases if b is not None)
             bias = torch.cat([b if b is not None else like.new_zeros(m.out_features) for b, m in zip(biases, linears)])
-        device = next(iter(linears[0].packed().values())).device
+        device = next(linears[0].buffers()).device
         return cls.from_quantized(stack_rows([m.to_quantized() for m in linears]), bias).to(device)
 
     def packed(self) -> dict[str, torch.Tensor]:
-        return dict(self.named_buffers(recurse=False))
+        """The packed tensors as stored (checkpoint layout), codes in the stored order."""
+        codes = {codes_name(bits): bits for bits in self.spec.blocks}
+        return {name: self.codes(codes[name]) if name in codes else self._buffers[name]
+                for name in self.spec.tensor_specs() if name != "bias"}
+
+    def codes(self, bits: int) -> torch.Tensor:
+        """Width block ``bits``'s codes in the stored order (untiled when only the tiled copy is kept)."""
+        stored = self._buffers.get(codes_name(bits))
+        if stored is not None:
+            return stored
+        rows = getattr(self, lut_name(bits)).shape[0]
+        return untile_codes(self._buffers[TILED_CODES.format(bits)], bits, rows, -(-self.in_features // 32))
+
+    def tiled_widths(self) -> list[int]:
+        """The width blocks whose codes are kept in the tiled order only (``keep_tiled_codes``)."""
+        return [bits for bits in self.spec.blocks if self._buffers.get(codes_name(bits)) is None]
+
+    def keep_tiled_codes(self) -> None:
+        """Keep the codes of the blocks of up to 4 bits in the tensor-core kernels' tiled order
+        (``anybit.kernels.tiling``) instead of the stored order, with their subset coefficients:
+        still one copy of the codes (padded to whole tiles), which the binary tensor-core and
+        fragment kernels read as they are. ``state_dict`` and ``packed`` give the stored order back;
+        ``AnybitLinear`` does this itself on the first GPU forward where ``tiled_codes_supported``."""
+        from anybit.kernels import triton_bmma
+
+        if not (self.spec.grid == "lut" and self.spec.lut_axis == 0):
+            return
+        for bits in self.spec.blocks:
+            codes = self._buffers.get(codes_name(bits))
+            if bits > triton_bmma.MAX_BITS or codes is None:
+                continue
+            coef, tiled = triton_bmma.prepare_block(codes, getattr(self, lut_name(bits)), bits)
+            self.register_buffer(TILED_CODES.format(bits), tiled, persistent=False)
+            self.register_buffer(SUBSET_COEF.format(bits), coef, persistent=False)
+            self._buffers[codes_name(bits)] = None  # the stored order lives on in the tiled copy only
+        self._kernel_operands = None
+
+    def keep_stored_codes(self) -> None:
+        """Undo ``keep_tiled_codes``: every block's codes in the stored order again."""
+        for bits in self.tiled_widths():
+            self._buffers[codes_name(bits)] = self.codes(bits)
+            del self._buffers[TILED_CODES.format(bits)], self._buffers[SUBSET_COEF.format(bits)]
+            self._non_persistent_buffers_set -= {TILED_CODES.format(bits), SUBSET_COEF.format(bits)}
+        self._kernel_operands = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for bits in self.tiled_widths():  # the checkpoint holds the stored order
+            codes = self.codes(bits)
+            destination[prefix + codes_name(bits)] = codes if keep_vars else codes.detach()
 
     def to_quantized(self) -> QuantizedWeight:
         return unpack_weight(self.spec, self.packed())
@@ -94,7 +151,7 @@ class AnybitLinear(nn.Module):
 
     def member_widths(self) -> torch.Tensor:
         """Width of each row (lut axis 0) or column (lut axis 1, affine): what blocks are made of."""
-        widths = unit_widths(self.spec, self.packed())
+        widths = unit_widths(self.spec, {name: t for name, t in self._buffers.items() if t is not None})
         if self.spec.grid == "affine":
             return affine_column_widths(widths, self.spec.group_columns, self.in_features)
         return widths
@@ -111,28 +168,32 @@ class AnybitLinear(nn.Module):
                 and kernels.use_triton(x))
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_operands = None  # loaded in place: same storage, new values
+        self.keep_stored_codes()  # the checkpoint's layout, loaded in place; tiled again on the next GPU forward
+        self._kernel_operands = None
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def kernel_operands(self) -> dict:
-        """What the GPU kernels read, worked out once per set of buffers and ``ANYBIT_KERNELS=bmma``
-        setting (cached: the forward of a decoding step must not synchronise, so that it can be
-        captured in a CUDA graph). The kernel takes x in stored column order, unscaled: the input
-        scale is applied inside it, and the outlier columns are renumbered to the stored order."""
-        bmma = _kernels().bmma_requested()
-        key = (bmma, *((t.data_ptr(), t.device) for t in self._buffers.values() if t is not None))
+    def _buffers_key(self) -> tuple:
+        return tuple((name, t.data_ptr(), t.device) for name, t in self._buffers.items() if t is not None)
+
+    def kernel_operands(self, device: torch.device | None = None) -> dict:
+        """What the GPU kernels read, worked out once per set of buffers (cached: the forward of a
+        decoding step must not synchronise, so that it can be captured in a CUDA graph). On a
+        ``device`` where ``tiled_codes_supported``, first ``keep_tiled_codes``. The kernel takes x
+        in stored column order, unscaled: the input scale is applied inside it, and the outlier
+        columns are renumbered to the stored order."""
         cached = getattr(self, "_kernel_operands", None)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == self._buffers_key():
             return cached[1]
+        if device is not None and _kernels().tiled_codes_supported(device):
+            self.keep_tiled_codes()
         spec = self.spec
         perm = self.perm.long() if spec.perm else None
-        blocks = [(getattr(self, codes_name(bits)), getattr(self, lut_name(bits)), bits, self.block_members(bits))
-                  for bits in spec.blocks]
-        if bmma:
-            from anybit.kernels import triton_bmma
-
-            blocks = [b + ((triton_bmma.prepare_block(*b[:3]),) if b[2] <= triton_bmma.MAX_BITS else ())
-                      for b in blocks]
+        blocks = []
+        for bits in spec.blocks:
+            tiled = self._buffers.get(TILED_CODES.format(bits))
+            prepared = None if tiled is None else (self._buffers[SUBSET_COEF.format(bits)], tiled)
+            blocks.append((self._buffers[codes_name(bits)], getattr(self, lut_name(bits)), bits,
+                           self.block_members(bits), prepared))
         scale = self.input_scale if spec.input_scale else None
         outliers = None
         if spec.outliers:
@@ -143,14 +204,14 @@ class AnybitLinear(nn.Module):
             outliers = (self.outlier_indptr.int(), stored.int(), delta)
         operands = dict(perm=perm, blocks=blocks, outliers=outliers,
                         input_scale=None if scale is None else (scale[perm] if perm is not None else scale))
-        self._kernel_operands = (key, operands)
+        self._kernel_operands = (self._buffers_key(), operands)
         return operands
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel(x):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self.dequantize(torch.float32).to(x.dtype), bias)
-        ops = self.kernel_operands()
+        ops = self.kernel_operands(x.device)
         xs = x[..., ops["perm"]] if ops["perm"] is not None else x
         y = _kernels().lut_linear_blocks(xs, ops["blocks"], self.out_features, input_scale=ops["input_scale"],
                                          outliers=ops["outliers"])
@@ -168,7 +229,7 @@ class AnybitLinear(nn.Module):
             in_block = widths == bits
             slot[in_block] = torch.arange(int(in_block.sum()), device=slot.device)
             hit = widths[member] == bits
-            s, a, words = slot[member[hit]], along[hit], getattr(self, codes_name(bits))
+            s, a, words = slot[member[hit]], along[hit], self.codes(bits)
             if spec.grid == "lut":
                 values[hit] = getattr(self, lut_name(bits)).float()[s, reference.codes_at(words, bits, s, a)]
             else:
