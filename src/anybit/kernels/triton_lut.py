@@ -30,7 +30,7 @@ Triton >= 3.9: 3.6's interpreter fails on them).
 ``launch_blocks`` hands blocks of up to 4 bits to ``triton_bmma`` (binary tensor cores, no
 decoding) at batches up to ``bmma_batch_limit`` (2, or 3-4 where the fragment kernel cannot serve
 the call) when they carry its operands, or with ``mode="bmma"``; otherwise, from 2 to 16 rows of
-fp16 x with fp16 codebooks, to ``triton_mma`` (codes decoded straight into ``mma.sync`` fragments),
+fp16 or bf16 x with fp16 codebooks, to ``triton_mma`` (codes decoded straight into ``mma.sync`` fragments),
 which replaces the ``tl.dot`` kernel there. Measurements, versions and what limits them: benchmarks/KERNEL_NOTES.md.
 """
 
@@ -574,7 +574,7 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot", "mma" or "bmma" (default: "bmma" for up
     to ``bmma_batch_limit`` rows of x (2, or 3-4 where "mma" cannot serve the call) when some block
     comes with its ``prepared`` operands, else "fma" for one row of x, else "mma" (``triton_mma``:
-    blocks of up to 4 bits, fp16 x of up to 16 rows and fp16 codebooks), else "dot"); ``config`` overrides ``config_for`` (for
+    blocks of up to 4 bits, fp16 or bf16 x of up to 16 rows and fp16 codebooks), else "dot"); ``config`` overrides ``config_for`` (for
     "bmma" and "mma": their modules' ``launch``'s);
     ``use_asm`` (default: on CUDA when the codebook is aligned) enables the PTX paths. FMA: up to
     three blocks with codebooks of one dtype share a launch. "bmma" (``triton_bmma``, binary tensor
@@ -600,7 +600,7 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     scale = input_scale.contiguous() if input_scale is not None else None
     if mode == "mma":
         if not fragments:
-            raise ValueError("mode 'mma' needs fp16 x of 1..16 rows and fp16 codebooks on CUDA")
+            raise ValueError("mode 'mma' needs fp16 or bf16 x of 1..16 rows and fp16 codebooks on CUDA")
         triton_mma.launch(x2, fragment_blocks, in_features, y2, scale, config=config)
         blocks = [b for b in blocks if b[2] > triton_mma.MAX_BITS]
         mode, config = None, None
