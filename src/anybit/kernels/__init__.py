@@ -52,20 +52,23 @@ def triton_available() -> bool:
     return True
 
 
+def _triton_runs_on(device: torch.device) -> bool:
+    return (device.type == "cuda" and os.environ.get("ANYBIT_KERNELS", "").lower() != "reference"
+            and triton_available())
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ``lut_linear`` runs the Triton kernels for an input on ``x``'s device."""
-    if os.environ.get("ANYBIT_KERNELS", "").lower() == "reference":
-        return False
-    return x.is_cuda and triton_available()
+    return _triton_runs_on(x.device)
 
 
 def tiled_codes_supported(device) -> bool:
     """Whether the tensor-core kernels run for inputs on ``device`` (Triton with Gluon, a GPU of
     compute capability 8.0 or newer): then blocks of up to 4 bits are best kept as
     ``triton_bmma.prepare_block``'s operands alone (binary tensor cores for 1-2 rows of x, the
-    fragment kernel for 3-16 rows of fp16 x; the other kernels untile them per call)."""
+    fragment kernel for 3-16 rows of fp16 or bf16 x; the other kernels untile them per call)."""
     device = torch.device(device)
-    if device.type != "cuda" or os.environ.get("ANYBIT_KERNELS", "").lower() == "reference" or not triton_available():
+    if not _triton_runs_on(device):
         return False
     from anybit.kernels import triton_bmma
 

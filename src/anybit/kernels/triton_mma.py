@@ -312,11 +312,10 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, config=None):
     blocks = sorted((b for b in blocks if b[1].shape[0] > 0), key=lambda b: -b[2])
     if M == 0 or not blocks:
         return y2
+    xs = x2 if input_scale is None else x2.float() / input_scale.float()
     # bf16 x: its range does not fit fp16, its 8 mantissa bits do once each row is scaled by a power of two
-    scales = None
-    if x2.dtype != torch.float16:
-        scales = row_scales(x2 if input_scale is None else x2.float() / input_scale.float())
-    xf = x_fragments(x2, input_scale, scales)
+    scales = row_scales(xs) if x2.dtype != torch.float16 else None
+    xf = x_fragments(xs, scales=scales)
     nstep = xf.shape[0] // STEP_CHUNKS
     nchunk = -(-in_features // 32)
     for i in range(0, len(blocks), 2):
