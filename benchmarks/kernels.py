@@ -259,19 +259,19 @@ def bench_calls(calls, device):
     return ms / len(calls)
 
 
-def profile(device):
-    """Run the default kernels of a few cases a few times each, for a profiler to pick up."""
+def profile(device, shapes, widths, batches):
+    """Run the default kernels (``launch_blocks`` on ``kept_blocks``) of each case twice, for a
+    profiler (ncu) to pick up; no timing."""
     gen = torch.Generator().manual_seed(3)
-    cases = [(1, "fma", (8, 16, 4, 2, 0, 0, 1)), (1, "fma", (8, 16, 4, 2, 1, 0, 1)), (1, "fma", (8, 16, 4, 2, 0, 8, 1)),
-             (16, "dot", (64, 4, 4, 2, 0, 0, 1, 0)), (16, "dot", (64, 4, 4, 2, 0, 0, 1, 1))]
-    for batch, mode, cfg in cases:
-        out_f, in_f, width = 11008, 4096, "3"
-        blocks = make_matrix(out_f, in_f, width, device, torch.float16, gen)
+    for (out_f, in_f), width, batch in itertools.product(shapes, widths, batches):
+        blocks = [make_matrix(out_f, in_f, width, device, torch.float16, gen)]
+        blocks = (kept_blocks(blocks) if tiled_codes_supported(device) else blocks)[0]
         x = torch.randn(batch, in_f, generator=gen).to(device, torch.float16)
         y = torch.empty(batch, out_f, dtype=torch.float16, device=device)
         for _ in range(2):
-            run_blocks(x, blocks, y, mode, cfg)
-        torch.cuda.synchronize()
+            run_blocks(x, blocks, y)
+        if device == "cuda":
+            torch.cuda.synchronize()
         log(f"profiled {out_f}x{in_f} w={width} b={batch}")
     return 0
 
@@ -286,7 +286,7 @@ def main():
     ap.add_argument("--shapes", default="", help="e.g. 11008x4096,4096x11008")
     ap.add_argument("--widths", default="", help="e.g. 3,3.25")
     ap.add_argument("--batches", default="", help="e.g. 1,16")
-    ap.add_argument("--profile", action="store_true", help="only run a few kernels once (for ncu)")
+    ap.add_argument("--profile", action="store_true", help="only run the default kernels of --shapes x --widths x --batches twice each (for ncu)")
     ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sweeps/cases are skipped")
     ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: warps,STAGES; mma: KS,RT as "
                     "their modules' launch, empty for the rule, on the tiled codes; mma-stored: the same on the "
@@ -307,7 +307,7 @@ def main():
         batches = [int(v) for v in args.batches.split(",")]
     widths = args.widths.split(",") if args.widths else WIDTHS
     if args.profile:
-        return profile(device)
+        return profile(device, shapes, widths, batches)
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",

@@ -55,6 +55,13 @@ def test_warps_split_k_only_for_small_grids():
         assert 1 <= tb.warps_for([(2, 100)], ktiles, 1) <= tb.MAX_KSPLIT
 
 
+def test_launches_that_fit_three_warps_a_scheduler_get_more_registers():
+    sms = tb._multiprocessors(None)
+    assert tb.registers_for(1, None) == tb.ROOMY_REGISTERS
+    assert tb.registers_for(tb.ROOMY_WARPS_PER_SM * sms, None) == tb.ROOMY_REGISTERS
+    assert tb.registers_for(tb.ROOMY_WARPS_PER_SM * sms + 1, None) == tb.MAX_REGISTERS
+
+
 def test_binary_tensor_cores_serve_up_to_four_rows_of_x_below_four_bits_two_beside_the_fragment_kernel():
     from anybit.kernels import triton_lut
 
@@ -101,7 +108,7 @@ def test_planes_and_kernel_arithmetic_match_reference(interpreted_errors, case):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("widths,batch,extra", [
     ((3,), 1, ""), ((4,), 1, "ridx"), ((1, 2, 3), 2, "scale"), ((3, 4), 1, "bf16"), ((2, 8), 3, "ridx"),
-    ((3,), 1, "ks8"), ((4,), 2, "ks2"),
+    ((3,), 1, "ks8"), ((4,), 2, "ks2"), ((3, 4), 1, "regs128"), ((2, 4), 2, "regs168"),
 ])
 def test_bmma_cuda_matches_reference(widths, batch, extra):
     from anybit.kernels import triton_lut
@@ -121,7 +128,8 @@ def test_bmma_cuda_matches_reference(widths, batch, extra):
         lut_linear_ref(x, packed, lut, bits, cols, dest[members], ref, input_scale=scale)
         blocks.append((packed.cuda(), lut.cuda(), bits, dest[members].cuda()))
     y = torch.full((batch, out_f), float("nan"), dtype=xdt, device="cuda")
-    config = {"ks8": (8, 2), "ks2": (4, 3)}.get(extra)  # (warps, STAGES); else the rule
+    # (warps, STAGES[, maxnreg]), 0: the rule's; else the rule
+    config = {"ks8": (8, 2), "ks2": (4, 3), "regs128": (0, 0, 128), "regs168": (0, 0, 168)}.get(extra)
     triton_lut.launch_blocks(x.cuda(), blocks, cols, y, None if scale is None else scale.cuda(), mode="bmma",
                              config=config)
     written = torch.isfinite(ref)

@@ -14,11 +14,11 @@ plane ``-2**23``), the inner sums are ``s_m * sum_i w_i * popcount(mask_T AND xp
 (in the tiled order of ``anybit.kernels.tiling``: a warp's words of a tile contiguous). No weight is
 ever decoded.
 
-Exactness: the popcounts are integers (int32 accumulators, exact); each group of 8 planes is
-weighted and summed in int32, the three group sums in fp64 (exact below 2**53), then
-``y = s_m * sum_T coef[r, T] * Y_T``. The only rounding
-is x to 24 bits against the row's largest |x| (``_xplanes_kernel``: ``s_m`` a power of two, so
-values within 2**13 of the largest keep every fp16 mantissa bit) and the fp32 coefficients.
+Exactness: the popcounts are integers (int32 accumulators, exact), weighted by their planes and
+summed per thread in int32 and fp64 (exact below 2**53), then multiplied by the fp32 coefficients
+and summed in fp64: ``y = s_m * sum_T coef[r, T] * Y_T``. The rounding that matters is x to 24
+bits against the row's largest |x| (``_xplanes_kernel``: ``s_m`` a power of two, so values within
+2**13 of the largest keep every fp16 mantissa bit) and the fp32 coefficients.
 
 Work per 16 rows x 256 columns: ``2**b`` masks x 3 plane groups of 8 mma (b <= 3: one warp; 4 bits:
 two warps, 8 masks each); a program's warps may also split K (``warps_for``), summing in shared
@@ -36,6 +36,8 @@ for checks without a GPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,9 +53,25 @@ from anybit.kernels.tiling import KTILE, tile_codes
 
 PLANES = 24  # fixed-point bits of x; 3 groups of 8 mma columns
 MAX_BITS = 4  # widths served here
-# 128 registers a thread (no spills, checked in the SASS) let 4 warps share a scheduler's register
-# file instead of 3 (142 when free): a third more warps in flight, and one wave where it was 1.13.
+# Registers a thread. 128 let 4 warps share a scheduler's register file instead of 3: a third more warps
+# in flight, and one wave where it was 1.13 (tall matrices). A launch that fits 3 warps a scheduler
+# anyway gets 168: ptxas then uses ~142-154, keeps the all-ones mask in registers (3-bit loop 134 ->
+# 128 instructions a tile) and never spills (4-bit and mixed launches spill 24-32 bytes at 128).
+# Offline SASS and H100 sweeps: KERNEL_NOTES "Ninth session".
 MAX_REGISTERS = 128
+ROOMY_REGISTERS = 168
+ROOMY_WARPS_PER_SM = 12  # 3 a scheduler at <= 168 registers
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 132
+
+
+def registers_for(warps: int, device=None) -> int:
+    """maxnreg for a launch of ``warps`` warps in all: ROOMY_REGISTERS while they fit
+    ROOMY_WARPS_PER_SM a multiprocessor (132 multiprocessors without a GPU), else MAX_REGISTERS."""
+    return ROOMY_REGISTERS if warps <= ROOMY_WARPS_PER_SM * _multiprocessors(device) else MAX_REGISTERS
 
 
 def available() -> bool:
@@ -200,6 +218,13 @@ if gluon is not None:
                                          dtype=gl.int32, is_pure=True, pack=4)
 
     @gluon.jit
+    def _pair_sum(v, LG: gl.constexpr):
+        """(KS, T, rows, 4) in layout LG: v (KS, T, rows, 8) summed over the column pairs 2t, 2t + 1 that
+        one thread holds (no shuffles)."""
+        a, b = gl.split(gl.reshape(v, [v.shape[0], v.shape[1], v.shape[2], 4, 2]))
+        return gl.convert_layout(a + b, LG)
+
+    @gluon.jit
     def _masks(w0, w1, w2, w3, tt, BITS: gl.constexpr):
         """(KS, T, R, 8) mask words: AND of the planes p in T (tt: the T index, (1, T, 1, 1))."""
         m = w0[:, None, :, :] | (((tt >> 0) & 1) - 1)
@@ -211,26 +236,47 @@ if gluon is not None:
             m = m & (w3[:, None, :, :] | (((tt >> 3) & 1) - 1))
         return m
 
+    _WORD_BASES = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 2, 0], [0, 4, 0], [0, 8, 0], [0, 1, 0]]
+
     @gluon.constexpr_function
     def _word_layout(ks):
         """Shared memory of (warp along K, 16 rows, 8 chunks) words in the tiled order
         (``tile_codes``: even rows first): a warp's copy of 32 word pairs and its reads of them
         are 256 contiguous bytes each, free of bank conflicts (row-major order puts rows 2g and
         2g + 4 on the same banks: 4-way conflicts, measured as MIO throttling)."""
-        bases = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 2, 0], [0, 4, 0], [0, 8, 0], [0, 1, 0]]
-        return gl.SharedLinearLayout(bases + [[1 << b, 0, 0] for b in range(ks.bit_length() - 1)])
+        return gl.SharedLinearLayout(_WORD_BASES + [[1 << b, 0, 0] for b in range(ks.bit_length() - 1)])
+
+    @gluon.constexpr_function
+    def _stage_layout(ks, planes):
+        """``_word_layout`` with the planes of a stage outermost, (planes, KS, 16, 8): what one copy
+        writes. The same bytes as ``planes`` consecutive (KS, 16, 8) buffers in ``_word_layout``."""
+        bases = [[0] + b for b in _WORD_BASES] + [[0, 1 << b, 0, 0] for b in range(ks.bit_length() - 1)]
+        return gl.SharedLinearLayout(bases + [[1 << b, 0, 0, 0] for b in range(planes.bit_length() - 1)])
 
     @gluon.jit
-    def _issue_stage(smem, xsm, stage, tptr, x01, x2p, kt, KT, KTP, BITS: gl.constexpr):
-        """Start copying the plane words (KS, rows, 8 chunks) of mma tiles ``kt`` (one per warp
-        along K, (KS, 1, 1)) and their x planes (as the kernel's x01 and x2 tensors) into
-        ``stage``. Tiles past the matrix read its last tile again (x planes past KT are zero)."""
-        kc = gl.minimum(kt, KT - 1)
-        for p in gl.static_range(BITS):
-            async_copy.async_copy_global_to_shared(smem.index(stage * BITS + p), tptr + (kc * BITS + p) * 128)
-        kx = gl.minimum(kt, KTP - 1) * (24 * 8)
-        async_copy.async_copy_global_to_shared(xsm.index(stage * 2), x01 + kx)
-        async_copy.async_copy_global_to_shared(xsm.index(stage * 2 + 1), x2p + kx)
+    def _copy_offsets(P: gl.constexpr, KS: gl.constexpr, LP: gl.constexpr):
+        """(P, KS, 16, 8) plane index, (1, KS, 1, 1) warp along K and (1, 1, 16, 8) word offset in a
+        tile's 128 words (``tile_codes``: even rows first), in the copy layout LP."""
+        pp = gl.arange(0, P, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LP))))[:, None, None, None]
+        kk = gl.arange(0, KS, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LP))))[None, :, None, None]
+        rr = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LP))))[None, None, :, None]
+        cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LP))))[None, None, None, :]
+        return pp, kk, rr, cc
+
+    @gluon.jit
+    def _issue_stage(smem, xsm, stage, tbase, woff0, woff1, xptr, kt, KT, KTP, BITS: gl.constexpr,
+                     P0: gl.constexpr):
+        """Start copying the plane words of mma tiles ``kt`` (one per warp along K, (1, KS, 1, 1)) and
+        their x planes into ``stage``: planes [0, P0) in one copy, the rest (3 bits: plane 2) in a
+        second, both x tensors in a third (a barrier precedes every copy into an allocation, and
+        the no-op instructions ptxas puts after each). Tiles past the matrix read its last tile
+        again (x planes past KT are zero)."""
+        kc = gl.minimum(kt, KT - 1).to(gl.int64) * (BITS * 128)
+        words = smem.index(stage)
+        async_copy.async_copy_global_to_shared(words.slice(0, P0), tbase + kc + woff0)
+        if BITS > P0:
+            async_copy.async_copy_global_to_shared(words.slice(P0, BITS - P0), tbase + kc + woff1)
+        async_copy.async_copy_global_to_shared(xsm.index(stage), xptr + gl.minimum(kt, KTP - 1) * (24 * 8))
         async_copy.commit_group()
 
     @gluon.jit
@@ -246,73 +292,88 @@ if gluon is not None:
         LW: gl.constexpr = gl.SliceLayout(1, L4)  # (KS, rows, chunks): code and plane words
         LT: gl.constexpr = gl.SliceLayout(3, L4)  # (KS, T, rows): sums per mask
         LC: gl.constexpr = gl.SliceLayout(0, LT)  # (T, rows): coefficients
-        ks = gl.arange(0, KS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))[:, None, None]
-        rl = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))
-        ch = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))[None, None, :]
+        # copies: (planes, KS, rows, chunks), the planes of a 4-bit tile over its two warps
+        LP: gl.constexpr = gl.BlockedLayout([1, 1, 2, 2], [1, 1, 8, 4], [WT, KS, 1, 1], [3, 2, 1, 0])
+        P0: gl.constexpr = 4 if BITS == 4 else (2 if BITS >= 2 else 1)  # planes of the first copy
+        BP: gl.constexpr = 4 if BITS == 3 else BITS  # planes a stage holds: shapes are powers of two
         # tiled codes (``tile_codes``): (16-row tile, mma tile, plane, 16 x 8 words, even rows first)
-        inner = gl.multiple_of(((rl % 2) * 8 + rl // 2) * 8, 8)
-        tptr = codes_ptr + tile.to(gl.int64) * KT * BITS * 128 + inner[None, :, None] + ch
+        pp, kk, rr, cc = _copy_offsets(P0, KS, LP)
+        word = ((rr % 2) * 8 + rr // 2) * 8 + cc
+        tbase = codes_ptr + tile.to(gl.int64) * KT * BITS * 128
+        woff0 = pp * 128 + word
+        woff1 = (_copy_offsets(1, KS, LP)[0] + P0) * 128 + word  # the second copy (3 bits: plane 2)
         tt = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, LT)))[None, :, None, None]
-        # x planes (``x_planes``): an mma tile's 24 x 8 words; rows 2g, 2g + 1 of the x01 tensor
-        # hold planes g, 8 + g (groups 0 and 1), x2's both plane 16 + g
-        xbase = xpl_ptr + m * stride_pm
-        x01 = xbase + inner[None, :, None] + ch
-        x2p = xbase + gl.multiple_of((16 + rl // 2) * 8, 8)[None, :, None] + ch
+        # x planes (``x_planes``): an mma tile's 24 x 8 words; rows 2g, 2g + 1 of the first x tensor
+        # hold planes g, 8 + g (groups 0 and 1), of the second both plane 16 + g
+        xsel = _copy_offsets(2, KS, LP)[0]
+        xptr = xpl_ptr + m * stride_pm + gl.where(xsel == 0, word, (16 + rr // 2) * 8 + cc)
         # the rows' coefficients travel with the first stage and x's scale is loaded now, not at the
         # end (a dependent load there cost 1-2 us a call on 4096-row matrices); the row indices stay
         # at the end (loaded early, or copied with the coefficients, they push 4-bit launches into spills)
         rt = tile * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, LC))
         rtm = rt < R
         tc = gl.arange(0, T, layout=gl.SliceLayout(1, LC))
-        sl: gl.constexpr = _word_layout(KS)
         csm = gl.allocate_shared_memory(gl.float32, [T, 16], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         async_copy.async_copy_global_to_shared(csm, coef_ptr + gl.where(rtm, rt, 0).to(gl.int64)[None, :] * T
                                                + tc[:, None], mask=rtm[None, :])
         xscale = gl.load(xs_ptr + m)
         # code words and x planes of the next STAGES - 1 steps are in flight while a step is
         # multiplied (latency x bandwidth), copied to shared memory without holding registers.
-        smem = gl.allocate_shared_memory(gl.int32, [STAGES * BITS, KS, 16, 8], sl)
-        xsm = gl.allocate_shared_memory(gl.int32, [STAGES * 2, KS, 16, 8], sl)
+        smem = gl.allocate_shared_memory(gl.int32, [STAGES, BP, KS, 16, 8], _stage_layout(KS, BP))
+        xsm = gl.allocate_shared_memory(gl.int32, [STAGES, 2, KS, 16, 8], _stage_layout(KS, 2))
+        # the same bytes as one (KS, 16, 8) buffer a plane, for the loads
+        wsm = smem._reinterpret(gl.int32, [STAGES * BP, KS, 16, 8], _word_layout(KS))
+        xsm1 = xsm._reinterpret(gl.int32, [STAGES * 2, KS, 16, 8], _word_layout(KS))
         for i in gl.static_range(STAGES - 1):  # the coefficients join the first group
-            _issue_stage(smem, xsm, i, tptr, x01, x2p, i * KS + ks, KT, KTP, BITS)
+            _issue_stage(smem, xsm, i, tbase, woff0, woff1, xptr, i * KS + kk, KT, KTP, BITS, P0)
         acc0 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
         acc1 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
         acc2 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
         stage = 0
         for it in range(0, gl.cdiv(KT, KS)):
-            nxt = (stage + STAGES - 1) % STAGES
-            _issue_stage(smem, xsm, nxt, tptr, x01, x2p, (it + STAGES - 1) * KS + ks, KT, KTP, BITS)
+            nxt = stage - 1  # (stage + STAGES - 1) % STAGES; a signed % costs 5 instructions a step
+            if nxt < 0:
+                nxt = STAGES - 1
+            _issue_stage(smem, xsm, nxt, tbase, woff0, woff1, xptr, (it + STAGES - 1) * KS + kk, KT, KTP, BITS, P0)
             async_copy.wait_group(STAGES - 1)
-            w0 = smem.index(stage * BITS).load(LW)
+            w0 = wsm.index(stage * BP).load(LW)
             w1 = w0
             w2 = w0
             w3 = w0
             if BITS > 1:
-                w1 = smem.index(stage * BITS + 1).load(LW)
+                w1 = wsm.index(stage * BP + 1).load(LW)
             if BITS > 2:
-                w2 = smem.index(stage * BITS + 2).load(LW)
+                w2 = wsm.index(stage * BP + 2).load(LW)
             if BITS > 3:
-                w3 = smem.index(stage * BITS + 3).load(LW)
-            xa = xsm.index(stage * 2).load(LW)[:, None, :, :]
-            xb = xsm.index(stage * 2 + 1).load(LW)[:, None, :, :]
+                w3 = wsm.index(stage * BP + 3).load(LW)
+            xa = xsm1.index(stage * 2).load(LW)[:, None, :, :]
+            xb = xsm1.index(stage * 2 + 1).load(LW)[:, None, :, :]
             mk = _masks(w0, w1, w2, w3, tt, BITS)
             acc0 = _bmma(mk, xa, acc0, _BMMA_LO)
             acc1 = _bmma(mk, xa, acc1, _BMMA_HI)
             acc2 = _bmma(mk, xb, acc2, _BMMA_LO)
-            stage = (stage + 1) % STAGES
+            stage += 1
+            if stage == STAGES:
+                stage = 0
         async_copy.wait_group(0)
         # accumulator column c of group j counts plane 8j + c (weight 2**(8j + c), the sign plane
-        # -2**23): each group sums exactly in int32 (counts <= K < 2**16, times < 2**8), the three
-        # group sums in fp64 (exact below 2**53), then the warps along K in shared memory.
+        # -2**23). The thread that holds an element weights it and sums its two columns in int32
+        # (exact), combines the three groups in fp64 (exact below 2**53) and multiplies by the row's
+        # coefficient; only then the sums cross threads (over T in registers, the plane columns over
+        # 4 lanes, then the warps along K): the shuffles carry one value per row, not one per mask,
+        # group and row (8 shuffles instead of 96, KERNEL_NOTES "Ninth session").
         c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
         wc = (1 << c)[None, None, None, :]
         wsign = gl.where(c == 7, -128, 1 << c)[None, None, None, :]
-        ysum = gl.sum(acc0 * wc, axis=3).to(gl.float64)
-        ysum += gl.sum(acc1 * wc, axis=3).to(gl.float64) * 256.0
-        ysum += gl.sum(acc2 * wsign, axis=3).to(gl.float64) * 65536.0  # (KS, T, rows)
-        ysum = gl.sum(ysum, axis=0)  # (T, rows)
-        coef = csm.load(LC)
-        y = gl.sum(coef.to(gl.float64) * ysum, axis=0) * xscale.to(gl.float64)
+        # (KS, T, rows, 4 lanes): the two plane columns a thread holds summed
+        LG: gl.constexpr = gl.SliceLayout(4, gl.BlockedLayout([1, 1, 2, 1, 2], [1, 1, 8, 4, 1], [KS, WT, 1, 1, 1],
+                                                              [4, 3, 2, 1, 0]))
+        g0 = _pair_sum(acc0 * wc, LG).to(gl.float64)
+        g1 = _pair_sum(acc1 * wc, LG).to(gl.float64)
+        g2 = _pair_sum(acc2 * wsign, LG).to(gl.float64)
+        coef = csm.load(gl.SliceLayout(0, gl.SliceLayout(3, LG))).to(gl.float64)[None, :, :, None]  # (1, T, rows, 1)
+        y = gl.sum(gl.sum(gl.sum((g0 + g1 * 256.0 + g2 * 65536.0) * coef, axis=1), axis=2), axis=0)  # (rows,)
+        y = gl.convert_layout(y, gl.SliceLayout(0, LC)) * xscale.to(gl.float64)
         if HAS_RIDX:
             dst = gl.load(ridx_ptr + rt, mask=rtm, other=0)
         else:
@@ -360,8 +421,9 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
     """Write every width block ``(codes, lut, bits, row_index[, prepared])`` (bits <= 4) of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``prepared``: ``prepare_block(codes, lut,
     bits)``, worked out here when absent or None (with it the codes may be None). ``planes``: ``x_planes(x2, input_scale)`` when
-    already made for this x. Blocks go two to a launch. ``config``: (warps per program, STAGES)
-    instead of ``warps_for`` and 3 stages for two blocks, 4 for one (STAGES - 1 mma tiles in flight)."""
+    already made for this x. Blocks go two to a launch. ``config``: (warps per program, STAGES[,
+    maxnreg]), a 0 for the rule's choice: ``warps_for``, 3 stages for two blocks and 4 for one
+    (STAGES - 1 mma tiles in flight), ``registers_for``."""
     M = x2.shape[0]
     # widest first: a program of a 4-bit tile has twice the masks of a 3-bit one, and programs start
     # in order, so the long ones start first (3.25 bits on the H100: 1-8% faster, KERNEL_NOTES v10)
@@ -376,7 +438,9 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
         args, consts = [], {}
         # 3 stages for two blocks, 4 for one (H100 sweeps: 3.25 bits 5-14% faster with 3, one block the same or
         # slower; KERNEL_NOTES v10)
-        nw, stages = config or (warps_for([(b[2], b[1].shape[0]) for b in pair], ktiles, M), 3 if len(pair) == 2 else 4)
+        nw, stages, maxnreg = (tuple(config or ()) + (0, 0, 0))[:3]
+        nw = nw or warps_for([(b[2], b[1].shape[0]) for b in pair], ktiles, M)
+        stages = stages or (3 if len(pair) == 2 else 4)
         for name, block in zip("AB", pair):
             codes, lut, bits, row_index = block[:4]
             prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
@@ -392,6 +456,7 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
             args += [xs, xs, xs, 0]
             consts.update(BITS_B=0, KS_B=1, RIDX_B=False)
         tiles = sum(triton.cdiv(b[1].shape[0], 16) for b in pair)
+        maxnreg = maxnreg or registers_for(M * tiles * nw, x2.device)
         _bmma_kernel[(M, tiles)](xpl, xs, y2, ktiles, ktp, xpl.stride(0), y2.stride(0), *args, **consts,
-                                 STAGES=stages, num_warps=nw, maxnreg=MAX_REGISTERS)
+                                 STAGES=stages, num_warps=nw, maxnreg=maxnreg)
     return y2
