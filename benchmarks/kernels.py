@@ -86,10 +86,13 @@ def make_matrix(out_f, in_f, width, device, lut_dtype, gen):
     return blocks
 
 
-def kept_blocks(mats):
-    """The matrices as ``AnybitLinear`` keeps them where the tensor-core kernels run: blocks of up
-    to 4 bits as ``triton_bmma.prepare_block``'s operands alone (codes in the tiled order, no stored
-    copy), made once per matrix so that no timing includes their making."""
+def kept_blocks(mats, device):
+    """The matrices as ``AnybitLinear`` keeps them on ``device``: where the tensor-core kernels run,
+    blocks of up to 4 bits as ``triton_bmma.prepare_block``'s operands alone (codes in the tiled
+    order, no stored copy), made once per matrix so that no timing includes their making;
+    elsewhere as stored."""
+    if not tiled_codes_supported(device):
+        return mats
     from anybit.kernels import triton_bmma
 
     return [[(None, lut, b, r, triton_bmma.prepare_block(c, lut, b)) if b <= triton_bmma.MAX_BITS
@@ -264,8 +267,7 @@ def profile(device, shapes, widths, batches):
     profiler (ncu) to pick up; no timing."""
     gen = torch.Generator().manual_seed(3)
     for (out_f, in_f), width, batch in itertools.product(shapes, widths, batches):
-        blocks = [make_matrix(out_f, in_f, width, device, torch.float16, gen)]
-        blocks = (kept_blocks(blocks) if tiled_codes_supported(device) else blocks)[0]
+        blocks = kept_blocks([make_matrix(out_f, in_f, width, device, torch.float16, gen)], device)[0]
         x = torch.randn(batch, in_f, generator=gen).to(device, torch.float16)
         y = torch.empty(batch, out_f, dtype=torch.float16, device=device)
         for _ in range(2):
@@ -348,7 +350,7 @@ def main():
         ws = [(torch.randn(out_f, in_f, device=device) * 0.02).to(torch.float16)
               for _ in range(n_buffers(out_f * in_f * 2, device))]
         # what AnybitLinear keeps and runs by default; the stored order for the "-stored" sweep modes
-        kept = kept_blocks(mats) if tiled_codes_supported(device) else mats
+        kept = kept_blocks(mats, device)
         for batch in batches:
             x = torch.randn(batch, in_f, generator=gen).to(device, torch.float16)
             y = torch.full((batch, out_f), float("nan"), dtype=torch.float16, device=device)
