@@ -15,7 +15,7 @@ def test_tile_codes_puts_each_word_where_the_kernel_reads_it():
     assert tiling.tile_shape(rows, 10) == (128 // 16, kt)  # rows padded to 128
     assert tiled.numel() == 128 * bits * kt * 8
     for r, ch, p in [(0, 0, 0), (17, 9, 1), (69, 9, 2), (33, 4, 0)]:
-        idx = (((r // 16) * kt + ch // 8) * bits + p) * 128 + ((r % 2) * 8 + (r % 16) // 2) * 8 + ch % 8
+        idx = (((r // 16) * kt + ch // 8) * bits + p) * 128 + 16 * ((r % 16) // 2) + 2 * (ch % 8) + r % 2
         assert tiled[idx].item() == packed[r, ch * bits + p].item()
     assert int((tiled != 0).sum()) == int((packed != 0).sum())  # the rest is zero padding
 

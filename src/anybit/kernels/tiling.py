@@ -4,10 +4,13 @@ well as the stored order).
 
 The stored order (``anybit.formats.bitpack``) is row-major: row r's words for chunk c (32 columns)
 and bit plane p at ``[r, c * bits + p]``. The tiled order is flat int32 over (16-row tile, mma tile
-of 8 chunks, plane, 16 rows x 8 chunks with the tile's even rows first), rows padded to 64 and
-chunks to 8 with zeros: a warp's words of one mma tile are 512 contiguous bytes, and thread
-(g, t)'s rows 2g, 2g + 1 at chunks 2t, 2t + 1 are one coalesced 8-byte load per row (the binary
-tensor-core kernel's fragments). Pure torch: the GPU kernels read it, the module converts both ways.
+of 8 chunks, plane, 16 rows x 8 chunks in mma fragment order), rows padded to 64 and chunks to 8
+with zeros. Fragment order: lane ``4g + t`` of a warp owns rows 2g, 2g + 1 at chunks 2t, 2t + 1, and
+its four words are contiguous in the order the binary mma takes its A operand (a0..a3: (2g, 2t),
+(2g + 1, 2t), (2g, 2t + 1), (2g + 1, 2t + 1)): a warp's words of one mma tile and plane are 512
+contiguous bytes, one 16-byte load a lane, straight into the registers of the mma (no moves), lane
+after lane. Word (r, c) of a tile sits at ``16 * (r // 2) + 2 * c + r % 2``. Pure torch: the GPU
+kernels read it, the module converts both ways.
 """
 
 from __future__ import annotations
@@ -25,20 +28,20 @@ def tile_shape(rows: int, nchunk: int) -> tuple[int, int]:
 
 def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """The tiled order of stored codes (rows, nchunk * bits): word (r, c, p) goes to
-    ``(((r // 16) * kt + c // 8) * bits + p) * 128 + ((r % 2) * 8 + (r % 16) // 2) * 8 + c % 8``."""
+    ``(((r // 16) * kt + c // 8) * bits + p) * 128 + 16 * ((r % 16) // 2) + 2 * (c % 8) + r % 2``."""
     rows, words = codes.shape
     nchunk = words // bits
     row_tiles, kt = tile_shape(rows, nchunk)
     t = torch.zeros(row_tiles * 16, kt * KTILE, bits, dtype=torch.int32, device=codes.device)
     t[:rows, :nchunk] = codes.view(rows, nchunk, bits)
     t = t.view(row_tiles, 8, 2, kt, KTILE, bits)  # row 2g + i of a tile: (g, i)
-    return t.permute(0, 3, 5, 2, 1, 4).contiguous().view(-1)
+    return t.permute(0, 3, 5, 1, 4, 2).contiguous().view(-1)
 
 
 def untile_codes(tiled: torch.Tensor, bits: int, rows: int, nchunk: int) -> torch.Tensor:
     """Inverse of ``tile_codes``: the stored codes (rows, nchunk * bits) of a tiled block."""
     row_tiles, kt = tile_shape(rows, nchunk)
-    t = tiled.view(row_tiles, kt, bits, 2, 8, KTILE).permute(0, 4, 3, 1, 5, 2)
+    t = tiled.view(row_tiles, kt, bits, 8, KTILE, 2).permute(0, 3, 5, 1, 4, 2)
     t = t.reshape(row_tiles * 16, kt * KTILE, bits)[:rows, :nchunk]
     return t.reshape(rows, nchunk * bits).contiguous()
 

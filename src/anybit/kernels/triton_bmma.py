@@ -52,6 +52,7 @@ except Exception:  # pragma: no cover - older Triton: the FMA kernels serve ever
 from anybit.kernels.tiling import KTILE, tile_codes
 
 PLANES = 24  # fixed-point bits of x; 3 groups of 8 mma columns
+XTILE_WORDS = 256  # x plane words an mma tile: 32 planes (24..31 repeat the sign, never read) x 8 chunks
 MAX_BITS = 4  # widths served here
 # Registers a thread. 128 let 4 warps share a scheduler's register file instead of 3: a third more warps
 # in flight, and one wave where it was 1.13 (tall matrices). A launch that fits 3 warps a scheduler
@@ -112,8 +113,8 @@ def plane_chunks(in_features: int) -> int:
 @triton.jit
 def _xplanes_kernel(x_ptr, scale_ptr, xpl_ptr, xs_ptr, K, NCP, stride_xm, stride_pm,
                     HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, CB: tl.constexpr):
-    """Planes of x row m for chunks [pid * CB, (pid + 1) * CB): ``xpl[m, c // 8, i, c % 8]`` bit i
-    of ``X = round(x / s_m)`` at columns 32c..32c+31 (an mma tile's 24 x 8 words contiguous),
+    """Planes of x row m for chunks [pid * CB, (pid + 1) * CB): bit i of ``X = round(x / s_m)`` at
+    columns 32c..32c+31 in ``xpl[m, c // 8, plane_offset(i) + chunk_offset(c % 8)]`` (``x_planes``),
     ``s_m = 2**(e - 23)`` with ``max|x| < 2**e`` (every program finds the row's max; it reads the
     row from L2)."""
     m = tl.program_id(0)
@@ -144,17 +145,23 @@ def _xplanes_kernel(x_ptr, scale_ptr, xpl_ptr, xs_ptr, K, NCP, stride_xm, stride
     plane = tl.arange(0, 32)
     bit = (q[None, :, :] >> plane[:, None, None]) & 1  # (32 planes, CB, 32 columns)
     words = tl.sum((bit << lane[None, None, :]).to(tl.uint32), axis=2)  # disjoint bits: sum = OR
-    dst = xpl_ptr + m * stride_pm + (ch // 8 * (8 * 24))[None, :] + plane[:, None] * 8 + (ch % 8)[None, :]
-    tl.store(dst, words.to(tl.int32, bitcast=True), mask=(plane[:, None] < 24) & (ch[None, :] < NCP))
+    c = ch % 8
+    poff = (plane // 16) * 128 + (plane % 8) * 16 + ((plane // 8) % 2) * 2
+    dst = xpl_ptr + m * stride_pm + (ch // 8 * 256 + (c // 2) * 4 + c % 2)[None, :] + poff[:, None]
+    tl.store(dst, words.to(tl.int32, bitcast=True), mask=ch[None, :] < NCP)
 
 
 def x_planes(x2: torch.Tensor, input_scale: torch.Tensor | None = None):
-    """(planes int32 (M, mma tiles, 24, 8), scales fp32 (M,)) of x2 (M, K) (divided by
-    ``input_scale`` per column when given): ``x2 / input_scale ~= scales[:, None] * X``, plane i of
-    columns 32c..32c+31 in ``planes[:, c // 8, i, c % 8]``."""
+    """(planes int32 (M, mma tiles, XTILE_WORDS), scales fp32 (M,)) of x2 (M, K) (divided by
+    ``input_scale`` per column when given): ``x2 / input_scale ~= scales[:, None] * X``. An mma
+    tile's words are in the order the kernel hands them to the mma as its B operand, two 128-word
+    halves (planes 0..15, 16..31) read like a plane of codes (``tiling``: lane ``4g + t``'s four
+    words contiguous): plane i of chunk c (of 8) at ``128 * (i // 16) + 16 * (i % 8) + 4 * (c // 2)
+    + 2 * ((i // 8) % 2) + c % 2`` -- so lane 4g + t holds planes g and 8 + g (16 + g) of chunks 2t,
+    2t + 1, the B fragments of its three plane groups. ``plane_words`` reads them back."""
     M, K = x2.shape
     ncp = plane_chunks(K)
-    xpl = torch.empty(M, ncp // KTILE, PLANES, KTILE, dtype=torch.int32, device=x2.device)
+    xpl = torch.empty(M, ncp // KTILE, XTILE_WORDS, dtype=torch.int32, device=x2.device)
     xs = torch.empty(M, dtype=torch.float32, device=x2.device)
     if M == 0:
         return xpl, xs
@@ -168,6 +175,13 @@ def x_planes(x2: torch.Tensor, input_scale: torch.Tensor | None = None):
                                     xpl.stride(0), HAS_SCALE=scale is not None,
                                     BLOCK_K=min(triton.next_power_of_2(K), 16384), CB=cb, num_warps=8)
     return xpl, xs
+
+
+def plane_words(xpl: torch.Tensor) -> torch.Tensor:
+    """int32 (M, 24, chunks): ``x_planes``' words by plane and chunk of 32 columns."""
+    M, ktp = xpl.shape[:2]
+    w = xpl.view(M, ktp, 2, 8, 4, 2, 2)  # (tile, plane // 16, plane % 8, chunk // 2, (plane // 8) % 2, chunk % 2)
+    return w.permute(0, 2, 5, 3, 1, 4, 6).reshape(M, 32, ktp * KTILE)[:, :PLANES]
 
 
 def plane_weights(device) -> torch.Tensor:
@@ -186,7 +200,7 @@ def emulate(xpl, xs, codes, coef, bits: int, in_features: int) -> torch.Tensor:
     from anybit.formats.bitpack import unpack_bitplanes
 
     q = unpack_bitplanes(codes, bits, in_features).long()  # (rows, K)
-    xpl = xpl.permute(0, 2, 1, 3).reshape(xpl.shape[0], PLANES, -1)  # (M, 24, chunks)
+    xpl = plane_words(xpl)  # (M, 24, chunks)
     cols = torch.arange(in_features, device=xpl.device)
     xbits = (xpl.long()[:, :, cols // 32] >> (cols % 32)) & 1  # (M, 24, K)
     X = (xbits.double() * plane_weights(xpl.device)[None, :, None]).sum(1)  # (M, K), exact
@@ -200,22 +214,58 @@ def emulate(xpl, xs, codes, coef, bits: int, in_features: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Gluon kernel
 
 if gluon is not None:
-    # Each thread holds a 2 x 2 block of a (rows, chunks) tile: rows 2g, 2g + 1, chunks 2t, 2t + 1
-    # (lane 4g + t). The mma's row g is our row 2g, its row g + 8 our row 2g + 1, its 32-column
-    # segments t and t + 4 our chunks 2t and 2t + 1 (any order of rows and segments works if A and
-    # B agree): registers (2g, 2t), (2g, 2t+1), (2g+1, 2t), (2g+1, 2t+1) are a0, a2, a1, a3. B, plane
-    # g of chunks 2t, 2t + 1, is the x tensor's registers (2g, .) ("lo") or (2g + 1, .) ("hi"): one
-    # load brings two plane groups. D (row, plane 2t + j) sits at chunk column 2t + j: an
-    # accumulator element (r, c) counts row r against plane c of its group of 8.
+    # Fragment order (``tiling``): lane 4g + t holds rows 2g, 2g + 1 and chunks 2t, 2t + 1 of a (rows, chunks)
+    # tile, its registers in the order the mma takes them. The mma's row g is our row 2g, its row g + 8 our
+    # row 2g + 1, its 32-column segments t and t + 4 our chunks 2t and 2t + 1 (any order of rows and
+    # segments works if A and B agree): registers (2g, 2t), (2g + 1, 2t), (2g, 2t + 1), (2g + 1, 2t + 1) are
+    # a0..a3, one 16-byte load from shared memory, used in place. B, plane g of chunks 2t, 2t + 1, is the
+    # first two registers of the x tensor ("lo"), plane g + 8 the last two ("hi"; ``x_planes`` stores them
+    # so). D (row, plane 2t + j) sits at chunk column 2t + j: an accumulator element (r, c) counts row r
+    # against plane c of its group of 8; in our register order D's c0..c3 are registers 0, 2, 1, 3.
+    _XTILE_WORDS = gl.constexpr(XTILE_WORDS)
     _BMMA_LO = gl.constexpr("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-                            "{$0,$1,$2,$3}, {$4,$6,$5,$7}, {$8,$9}, {$12,$13,$14,$15};")
+                            "{$0,$2,$1,$3}, {$4,$5,$6,$7}, {$8,$9}, {$12,$14,$13,$15};")
     _BMMA_HI = gl.constexpr("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-                            "{$0,$1,$2,$3}, {$4,$6,$5,$7}, {$10,$11}, {$12,$13,$14,$15};")
+                            "{$0,$2,$1,$3}, {$4,$5,$6,$7}, {$10,$11}, {$12,$14,$13,$15};")
 
     @gluon.jit
     def _bmma(masks, xw, acc, ASM: gl.constexpr):
         return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [masks, xw, acc],
                                          dtype=gl.int32, is_pure=True, pack=4)
+
+    # (row, chunk) steps of lane bits 0..4: lane 4g + t holds rows 2g, 2g + 1 at chunks 2t, 2t + 1
+    _TILE_LANES = [[0, 2], [0, 4], [2, 0], [4, 0], [8, 0]]
+    # (row, chunk) steps of the word offset's bits 0..6 within a tile (``tiling``): 16 * (r // 2) + 2 * c + r % 2
+    _TILE_WORDS = [[1, 0], [0, 1], [0, 2], [0, 4], [2, 0], [4, 0], [8, 0]]
+
+    @gluon.constexpr_function
+    def _fragment_layout(ks, t, wt):
+        """(KS, T, 16, 8) in fragment order, T (masks) over ``wt`` warps then the warps along K: the
+        threads, warps and elements of ``_epilogue_layout``, registers in the mma's order."""
+        reg = [[0, 0, 1, 0], [0, 0, 0, 1]] + [[0, wt << b, 0, 0] for b in range((t // wt).bit_length() - 1)]
+        warp = [[0, 1 << b, 0, 0] for b in range(wt.bit_length() - 1)]
+        warp = warp + [[1 << b, 0, 0, 0] for b in range(ks.bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg, [[0, 0] + b for b in _TILE_LANES], warp, [], [ks, t, 16, 8])
+
+    @gluon.constexpr_function
+    def _epilogue_layout(ks, wt):
+        """``_fragment_layout`` as a blocked layout (chunk registers first), for the sums across
+        threads; converting between the two renames registers only."""
+        return gl.BlockedLayout([1, 1, 2, 2], [1, 1, 8, 4], [ks, wt, 1, 1], [3, 2, 1, 0])
+
+    @gluon.constexpr_function
+    def _word_layout(ks):
+        """Shared memory of (warp along K, 16 rows, 8 chunks) words of one plane in ``tiling``'s order:
+        a warp's 512 bytes contiguous, a lane's four words one 16-byte read, no bank conflicts."""
+        return gl.SharedLinearLayout([[0] + b for b in _TILE_WORDS] + [[1 << b, 0, 0] for b in range(ks.bit_length() - 1)])
+
+    @gluon.constexpr_function
+    def _copy_layout(ks, planes):
+        """Shared memory of what one copy writes, (planes, KS, 32 lanes, 4 words) row-major: the same
+        bytes as ``planes`` consecutive ``_word_layout`` buffers."""
+        bases = [[0, 0, 0, 1], [0, 0, 0, 2]] + [[0, 0, 1 << b, 0] for b in range(5)]
+        bases = bases + [[0, 1 << b, 0, 0] for b in range(ks.bit_length() - 1)]
+        return gl.SharedLinearLayout(bases + [[1 << b, 0, 0, 0] for b in range(planes.bit_length() - 1)])
 
     @gluon.jit
     def _pair_sum(v, LG: gl.constexpr):
@@ -236,38 +286,21 @@ if gluon is not None:
             m = m & (w3[:, None, :, :] | (((tt >> 3) & 1) - 1))
         return m
 
-    _WORD_BASES = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 2, 0], [0, 4, 0], [0, 8, 0], [0, 1, 0]]
-
-    @gluon.constexpr_function
-    def _word_layout(ks):
-        """Shared memory of (warp along K, 16 rows, 8 chunks) words in the tiled order
-        (``tile_codes``: even rows first): a warp's copy of 32 word pairs and its reads of them
-        are 256 contiguous bytes each, free of bank conflicts (row-major order puts rows 2g and
-        2g + 4 on the same banks: 4-way conflicts, measured as MIO throttling)."""
-        return gl.SharedLinearLayout(_WORD_BASES + [[1 << b, 0, 0] for b in range(ks.bit_length() - 1)])
-
-    @gluon.constexpr_function
-    def _stage_layout(ks, planes):
-        """``_word_layout`` with the planes of a stage outermost, (planes, KS, 16, 8): what one copy
-        writes. The same bytes as ``planes`` consecutive (KS, 16, 8) buffers in ``_word_layout``."""
-        bases = [[0] + b for b in _WORD_BASES] + [[0, 1 << b, 0, 0] for b in range(ks.bit_length() - 1)]
-        return gl.SharedLinearLayout(bases + [[1 << b, 0, 0, 0] for b in range(planes.bit_length() - 1)])
-
     @gluon.jit
     def _copy_offsets(P: gl.constexpr, KS: gl.constexpr, LP: gl.constexpr):
-        """(P, KS, 16, 8) plane index, (1, KS, 1, 1) warp along K and (1, 1, 16, 8) word offset in a
-        tile's 128 words (``tile_codes``: even rows first), in the copy layout LP."""
+        """(P, KS, 32, 4) plane index, (1, KS, 1, 1) warp along K and (1, 1, 32, 4) word offset in a
+        tile's 128 words (lane-major: ``tiling``'s fragment order), in the copy layout LP."""
         pp = gl.arange(0, P, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LP))))[:, None, None, None]
         kk = gl.arange(0, KS, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LP))))[None, :, None, None]
-        rr = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LP))))[None, None, :, None]
-        cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LP))))[None, None, None, :]
-        return pp, kk, rr, cc
+        ll = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LP))))[None, None, :, None]
+        jj = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LP))))[None, None, None, :]
+        return pp, kk, ll * 4 + jj
 
     @gluon.jit
-    def _issue_stage(smem, xsm, stage, tbase, woff0, woff1, xptr, kt, KT, KTP, BITS: gl.constexpr,
+    def _issue_stage(smem, xsm, stage, tbase, woff0, woff1, xptr, kt, ktx, KT, KTP, BITS: gl.constexpr,
                      P0: gl.constexpr):
-        """Start copying the plane words of mma tiles ``kt`` (one per warp along K, (1, KS, 1, 1)) and
-        their x planes into ``stage``: planes [0, P0) in one copy, the rest (3 bits: plane 2) in a
+        """Start copying the plane words of mma tiles ``kt`` (one per warp along K, (1, KS, 1, 1); ``ktx``
+        the same in the x copy's layout) and their x planes into ``stage``: planes [0, P0) in one copy, the rest (3 bits: plane 2) in a
         second, both x tensors in a third (a barrier precedes every copy into an allocation, and
         the no-op instructions ptxas puts after each). Tiles past the matrix read its last tile
         again (x planes past KT are zero)."""
@@ -276,7 +309,7 @@ if gluon is not None:
         async_copy.async_copy_global_to_shared(words.slice(0, P0), tbase + kc + woff0)
         if BITS > P0:
             async_copy.async_copy_global_to_shared(words.slice(P0, BITS - P0), tbase + kc + woff1)
-        async_copy.async_copy_global_to_shared(xsm.index(stage), xptr + gl.minimum(kt, KTP - 1) * (24 * 8))
+        async_copy.async_copy_global_to_shared(xsm.index(stage), xptr + gl.minimum(ktx, KTP - 1) * _XTILE_WORDS)
         async_copy.commit_group()
 
     @gluon.jit
@@ -288,25 +321,27 @@ if gluon is not None:
         end, no workspace), 2**BITS / 8 along the masks (4 bits)."""
         T: gl.constexpr = 2**BITS
         WT: gl.constexpr = T // 8 if T > 8 else 1
-        L4: gl.constexpr = gl.BlockedLayout([1, 1, 2, 2], [1, 1, 8, 4], [KS, WT, 1, 1], [3, 2, 1, 0])
-        LW: gl.constexpr = gl.SliceLayout(1, L4)  # (KS, rows, chunks): code and plane words
+        LF: gl.constexpr = _fragment_layout(KS, T, WT)  # (KS, T, rows, chunks): masks, accumulators
+        LW: gl.constexpr = gl.SliceLayout(1, LF)  # (KS, rows, chunks): code and plane words
+        L4: gl.constexpr = _epilogue_layout(KS, WT)  # the same, for the sums after the loop
         LT: gl.constexpr = gl.SliceLayout(3, L4)  # (KS, T, rows): sums per mask
         LC: gl.constexpr = gl.SliceLayout(0, LT)  # (T, rows): coefficients
-        # copies: (planes, KS, rows, chunks), the planes of a 4-bit tile over its two warps
-        LP: gl.constexpr = gl.BlockedLayout([1, 1, 2, 2], [1, 1, 8, 4], [WT, KS, 1, 1], [3, 2, 1, 0])
+        # copies: (planes, KS, 32 lanes, 4 words), 16 bytes a lane, the planes of a 4-bit tile over its two warps.
+        # x planes in 8-byte copies: every program reads them, and only copies under 16 bytes go through L1
+        # (Triton makes 16-byte ones cp.async.cg, which bypasses it: batch 1 up to 15% slower, H100 A/B)
+        LPX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 2], [1, 1, 16, 2], [WT, KS, 1, 1], [3, 2, 1, 0])
+        LP: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [WT, KS, 1, 1], [3, 2, 1, 0])
         P0: gl.constexpr = 4 if BITS == 4 else (2 if BITS >= 2 else 1)  # planes of the first copy
         BP: gl.constexpr = 4 if BITS == 3 else BITS  # planes a stage holds: shapes are powers of two
-        # tiled codes (``tile_codes``): (16-row tile, mma tile, plane, 16 x 8 words, even rows first)
-        pp, kk, rr, cc = _copy_offsets(P0, KS, LP)
-        word = ((rr % 2) * 8 + rr // 2) * 8 + cc
+        # tiled codes (``tile_codes``): (16-row tile, mma tile, plane, 128 words in fragment order)
+        pp, kk, word = _copy_offsets(P0, KS, LP)
         tbase = codes_ptr + tile.to(gl.int64) * KT * BITS * 128
         woff0 = pp * 128 + word
         woff1 = (_copy_offsets(1, KS, LP)[0] + P0) * 128 + word  # the second copy (3 bits: plane 2)
-        tt = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, LT)))[None, :, None, None]
-        # x planes (``x_planes``): an mma tile's 24 x 8 words; rows 2g, 2g + 1 of the first x tensor
-        # hold planes g, 8 + g (groups 0 and 1), of the second both plane 16 + g
-        xsel = _copy_offsets(2, KS, LP)[0]
-        xptr = xpl_ptr + m * stride_pm + gl.where(xsel == 0, word, (16 + rr // 2) * 8 + cc)
+        tt = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LF))))[None, :, None, None]
+        # x planes (``x_planes``): an mma tile's two 128-word halves, planes g and 8 + g, then 16 + g
+        xsel, kkx, xword = _copy_offsets(2, KS, LPX)
+        xptr = xpl_ptr + m * stride_pm + xsel * 128 + xword
         # the rows' coefficients travel with the first stage and x's scale is loaded now, not at the
         # end (a dependent load there cost 1-2 us a call on 4096-row matrices); the row indices stay
         # at the end (loaded early, or copied with the coefficients, they push 4-bit launches into spills)
@@ -319,22 +354,23 @@ if gluon is not None:
         xscale = gl.load(xs_ptr + m)
         # code words and x planes of the next STAGES - 1 steps are in flight while a step is
         # multiplied (latency x bandwidth), copied to shared memory without holding registers.
-        smem = gl.allocate_shared_memory(gl.int32, [STAGES, BP, KS, 16, 8], _stage_layout(KS, BP))
-        xsm = gl.allocate_shared_memory(gl.int32, [STAGES, 2, KS, 16, 8], _stage_layout(KS, 2))
+        smem = gl.allocate_shared_memory(gl.int32, [STAGES, BP, KS, 32, 4], _copy_layout(KS, BP))
+        xsm = gl.allocate_shared_memory(gl.int32, [STAGES, 2, KS, 32, 4], _copy_layout(KS, 2))
         # the same bytes as one (KS, 16, 8) buffer a plane, for the loads
         wsm = smem._reinterpret(gl.int32, [STAGES * BP, KS, 16, 8], _word_layout(KS))
         xsm1 = xsm._reinterpret(gl.int32, [STAGES * 2, KS, 16, 8], _word_layout(KS))
         for i in gl.static_range(STAGES - 1):  # the coefficients join the first group
-            _issue_stage(smem, xsm, i, tbase, woff0, woff1, xptr, i * KS + kk, KT, KTP, BITS, P0)
-        acc0 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
-        acc1 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
-        acc2 = gl.zeros([KS, T, 16, 8], gl.int32, L4)
+            _issue_stage(smem, xsm, i, tbase, woff0, woff1, xptr, i * KS + kk, i * KS + kkx, KT, KTP, BITS, P0)
+        acc0 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
+        acc1 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
+        acc2 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
         stage = 0
         for it in range(0, gl.cdiv(KT, KS)):
             nxt = stage - 1  # (stage + STAGES - 1) % STAGES; a signed % costs 5 instructions a step
             if nxt < 0:
                 nxt = STAGES - 1
-            _issue_stage(smem, xsm, nxt, tbase, woff0, woff1, xptr, (it + STAGES - 1) * KS + kk, KT, KTP, BITS, P0)
+            kn = (it + STAGES - 1) * KS
+            _issue_stage(smem, xsm, nxt, tbase, woff0, woff1, xptr, kn + kk, kn + kkx, KT, KTP, BITS, P0)
             async_copy.wait_group(STAGES - 1)
             w0 = wsm.index(stage * BP).load(LW)
             w1 = w0
@@ -368,9 +404,9 @@ if gluon is not None:
         # (KS, T, rows, 4 lanes): the two plane columns a thread holds summed
         LG: gl.constexpr = gl.SliceLayout(4, gl.BlockedLayout([1, 1, 2, 1, 2], [1, 1, 8, 4, 1], [KS, WT, 1, 1, 1],
                                                               [4, 3, 2, 1, 0]))
-        g0 = _pair_sum(acc0 * wc, LG).to(gl.float64)
-        g1 = _pair_sum(acc1 * wc, LG).to(gl.float64)
-        g2 = _pair_sum(acc2 * wsign, LG).to(gl.float64)
+        g0 = _pair_sum(gl.convert_layout(acc0, L4) * wc, LG).to(gl.float64)
+        g1 = _pair_sum(gl.convert_layout(acc1, L4) * wc, LG).to(gl.float64)
+        g2 = _pair_sum(gl.convert_layout(acc2, L4) * wsign, LG).to(gl.float64)
         coef = csm.load(gl.SliceLayout(0, gl.SliceLayout(3, LG))).to(gl.float64)[None, :, :, None]  # (1, T, rows, 1)
         y = gl.sum(gl.sum(gl.sum((g0 + g1 * 256.0 + g2 * 65536.0) * coef, axis=1), axis=2), axis=0)  # (rows,)
         y = gl.convert_layout(y, gl.SliceLayout(0, LC)) * xscale.to(gl.float64)

@@ -156,7 +156,7 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
         points at plane 0/1 (by column) of chunk 0 of each row, in the stored or the tiled order."""
         inside = chunk < NCHUNK
         if TILED:  # (mma tile, plane, 16 x 8 words) per 16-row tile: planes 128 words apart
-            at = crow + (chunk // TILE_CHUNKS) * (BITS * 128) + chunk % TILE_CHUNKS
+            at = crow + (chunk // TILE_CHUNKS) * (BITS * 128) + 2 * (chunk % TILE_CHUNKS)
             far = 256
         else:  # row-major, a chunk's planes side by side
             at = crow + chunk * BITS
@@ -213,9 +213,8 @@ if gluon is not None:  # callable from host code too; in a kernel they make cons
             l3 = gl.load(lrow + 6, mask=rmask, other=0)
         # plane words: column (2t + i) holds plane i (i + 2 in the second tensor) of chunk c0 + t
         chunk = ks * STEP_CHUNKS + col // 2  # (KS, 1, 1, 8), the first step of each warp along K
-        if TILED:  # row 2g + i of its 16-row tile sits at word row 8i + g (``tiling``)
-            inner = (r % 2) * 8 + r // 2
-            crow = codes_ptr + (tile * RT + rt).to(gl.int64) * stride_cr + inner * 8 + half * 128
+        if TILED:  # word (r, c) of a tile's plane at 16 * (r // 2) + 2 * c + r % 2 (``tiling``)
+            crow = codes_ptr + (tile * RT + rt).to(gl.int64) * stride_cr + (r // 2) * 16 + r % 2 + half * 128
         else:
             crow = codes_ptr + rows_c * stride_cr + half
         cmask = rmask & (half < BITS)  # planes 0/1; planes 2/3 below
