@@ -114,7 +114,7 @@ def plane_chunks(in_features: int) -> int:
 def _xplanes_kernel(x_ptr, scale_ptr, xpl_ptr, xs_ptr, K, NCP, stride_xm, stride_pm,
                     HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, CB: tl.constexpr):
     """Planes of x row m for chunks [pid * CB, (pid + 1) * CB): bit i of ``X = round(x / s_m)`` at
-    columns 32c..32c+31 in ``xpl[m, c // 8, plane_offset(i) + chunk_offset(c % 8)]`` (``x_planes``),
+    columns 32c..32c+31 in ``xpl[m, c // 8]``, at the word ``x_planes`` gives for plane i and chunk c % 8,
     ``s_m = 2**(e - 23)`` with ``max|x| < 2**e`` (every program finds the row's max; it reads the
     row from L2)."""
     m = tl.program_id(0)
@@ -257,7 +257,8 @@ if gluon is not None:
     def _word_layout(ks):
         """Shared memory of (warp along K, 16 rows, 8 chunks) words of one plane in ``tiling``'s order:
         a warp's 512 bytes contiguous, a lane's four words one 16-byte read, no bank conflicts."""
-        return gl.SharedLinearLayout([[0] + b for b in _TILE_WORDS] + [[1 << b, 0, 0] for b in range(ks.bit_length() - 1)])
+        bases = [[0] + b for b in _TILE_WORDS]
+        return gl.SharedLinearLayout(bases + [[1 << b, 0, 0] for b in range(ks.bit_length() - 1)])
 
     @gluon.constexpr_function
     def _copy_layout(ks, planes):
@@ -299,11 +300,11 @@ if gluon is not None:
     @gluon.jit
     def _issue_stage(smem, xsm, stage, tbase, woff0, woff1, xptr, kt, ktx, KT, KTP, BITS: gl.constexpr,
                      P0: gl.constexpr):
-        """Start copying the plane words of mma tiles ``kt`` (one per warp along K, (1, KS, 1, 1); ``ktx``
-        the same in the x copy's layout) and their x planes into ``stage``: planes [0, P0) in one copy, the rest (3 bits: plane 2) in a
-        second, both x tensors in a third (a barrier precedes every copy into an allocation, and
-        the no-op instructions ptxas puts after each). Tiles past the matrix read its last tile
-        again (x planes past KT are zero)."""
+        """Start copying the plane words of mma tiles ``kt`` (one per warp along K, (1, KS, 1, 1);
+        ``ktx`` the same in the x copy's layout) and their x planes into ``stage``: planes [0, P0) in
+        one copy, the rest (3 bits: plane 2) in a second, both x tensors in a third (a barrier
+        precedes every copy into an allocation, and the no-op instructions ptxas puts after each).
+        Tiles past the matrix read its last tile again (x planes past KT are zero)."""
         kc = gl.minimum(kt, KT - 1).to(gl.int64) * (BITS * 128)
         words = smem.index(stage)
         async_copy.async_copy_global_to_shared(words.slice(0, P0), tbase + kc + woff0)
