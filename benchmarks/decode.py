@@ -5,9 +5,13 @@
     python benchmarks/decode.py --device cuda --profile       # also each variant's kernels, time per call
 
 One harness for every variant: ``StaticDecoder`` runs a Llama model's own modules one token at
-a time against a static KV cache (``--max-len`` positions, attention masked past the current
-one), so a whole step -- embedding, 32 blocks, head, greedy pick of the next token -- has fixed
-shapes and no host synchronisation and is captured once in a CUDA graph; decoding replays it.
+a time against a static KV cache (``--max-len`` positions), so a whole step -- embedding, 32
+blocks, head, greedy pick of the next token -- has fixed shapes and no host synchronisation and is
+captured once in a CUDA graph; decoding replays it. Attention (``--attention``, one choice for all
+variants): on CUDA by default ``decode_attention.py``'s kernel, which applies the rotary
+embedding, writes the step's key and value into the cache and reads the filled positions only, in
+one launch, as inference engines do; ``sdpa`` is the compiled rotary embedding, two cache-write
+launches and torch's attention over the whole cache with a mask (a prefill kernel).
 Only the decoder blocks' linears change between variants: ``nn.Linear`` in fp16, or
 ``AnybitLinear`` holding packed random codes and fp16 per-row codebooks (anybit's checkpoint
 layout; the numbers in them do not change the speed). Mixed budgets are rows of two widths:
@@ -19,7 +23,10 @@ linears (residual add + RMSNorm, rotary, SiLU-and-multiply) torch.compile fused;
 the plain step and the step launched from Python are reported beside it. The fused step also
 computes the linears that read one input as one stacked matrix (q/k/v, gate/up: 7 linear calls a
 block become 4), for fp16 (``nn.Linear`` of the concatenated weights) and anybit
-(``AnybitLinear.stacked``) alike, as inference engines do. On a GPU where the tensor-core kernels
+(``AnybitLinear.stacked``) alike, as inference engines do. Where anybit's binary tensor-core kernel
+runs, the anybit fused step's residual add + RMSNorm and SiLU-and-multiply are anybit's own fused
+ops (``anybit.kernels.xplanes``: one launch each, as the compiled glue, that also writes the bit
+planes the linear after it reads), so that only o_proj makes its planes in a launch of its own. On a GPU where the tensor-core kernels
 run, ``AnybitLinear`` keeps the codes of its blocks of up to 4 bits in their tiled order only
 (after its first forward): "resident_gib" is what the block linears then hold, "block_linear_gib"
 the stored (checkpoint) size.
@@ -47,6 +54,7 @@ sys.path.insert(0, HERE)
 from random_llama import random_llama, random_lut_block  # noqa: E402
 
 from anybit.formats.packed import LinearSpec, codes_name, lut_name  # noqa: E402
+from anybit.kernels import tiled_codes_supported  # noqa: E402
 from anybit.models import decoder_blocks  # noqa: E402
 from anybit.nn import AnybitLinear  # noqa: E402
 
@@ -98,7 +106,8 @@ class StaticDecoder:
     one call for q/k/v, one for gate/up).
     """
 
-    def __init__(self, model, max_len: int, batch: int = 1, fuse: bool = False, stack: bool | None = None):
+    def __init__(self, model, max_len: int, batch: int = 1, fuse: bool = False, stack: bool | None = None,
+                 planes: bool | None = None, attention: str = "sdpa"):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         cfg = model.config
@@ -119,6 +128,22 @@ class StaticDecoder:
         self.token = torch.zeros(batch, dtype=torch.long, device=p.device)  # the next input token
         self.logits = None
         self.qkv = self.gate_up = None
+        if attention not in ("sdpa", "triton"):
+            raise ValueError(f"attention is 'sdpa' or 'triton', not {attention!r}")
+        self.attention = attention
+        if attention == "triton":
+            from decode_attention import decode_attention
+
+            self.decode_attention = decode_attention
+        linears = [m for _, _, m in block_linears(model)]
+        # anybit's own fused glue: the residual add + RMSNorm and SiLU-and-multiply also write the bit
+        # planes of their output, which the binary tensor-core kernel reads (no launch of its own)
+        self.planes = (fuse and all(isinstance(m, AnybitLinear) for m in linears) and tiled_codes_supported(p.device)
+                       if planes is None else planes)
+        if self.planes:
+            from anybit.kernels import xplanes
+
+            self.norm_planes, self.silu_mul_planes = xplanes.add_rms_norm_planes, xplanes.silu_mul_planes
         if fuse if stack is None else stack:
             layers = model.model.layers
             self.qkv = [stack_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in layers]
@@ -128,16 +153,34 @@ class StaticDecoder:
         self.pos.zero_()
         self.token.fill_(token)
 
-    def _attention(self, i: int, attn, x, cos, sin, visible):
+    def _norm(self, h, delta, norm):
+        """(h + delta, its RMSNorm, their bit planes or None); delta None: h is the sum."""
+        if self.planes:
+            return self.norm_planes(h, delta, norm.weight, norm.variance_epsilon)
+        if delta is None:
+            return h, self.norm(h, norm.weight, norm.variance_epsilon), None
+        return *self.add_norm(h, delta, norm.weight, norm.variance_epsilon), None
+
+    def _swiglu(self, gate, up):
+        """(SiLU(gate) * up, its bit planes or None)."""
+        return self.silu_mul_planes(gate, up) if self.planes else (self.swiglu(gate, up), None)
+
+    @staticmethod
+    def _linear(module, x, planes):
+        return module(x) if planes is None else module(x, planes=planes)
+
+    def _attention(self, i: int, attn, x, planes, cos, sin, visible):
         b = x.shape[0]
         if self.qkv is not None:
             kv = self.kv_heads * self.head_dim
-            q, k, v = self.qkv[i](x).split([self.heads * self.head_dim, kv, kv], -1)
+            q, k, v = self._linear(self.qkv[i], x, planes).split([self.heads * self.head_dim, kv, kv], -1)
         else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = (self._linear(m, x, planes) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
         q = q.view(b, 1, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.attention == "triton":  # rotates q and k, writes k and v into the cache, attends: one launch
+            return attn.o_proj(self.decode_attention(q, k, v, self.k[i], self.v[i], self.pos, cos, sin))
         q, k = self.rope(q, k, cos, sin)
         self.k[i].index_copy_(2, self.pos.view(1), k)
         self.v[i].index_copy_(2, self.pos.view(1), v)
@@ -155,21 +198,17 @@ class StaticDecoder:
         h = m.embed_tokens(self.token)[:, None, :]
         cos, sin = m.rotary_emb(h, self.pos.view(1, 1))
         visible = (self.positions <= self.pos).view(1, 1, 1, -1)
-        first = m.layers[0].input_layernorm
-        a = self.norm(h, first.weight, first.variance_epsilon)
+        delta = None
         for i, layer in enumerate(m.layers):
-            if i:
-                norm = layer.input_layernorm
-                h, a = self.add_norm(h, delta, norm.weight, norm.variance_epsilon)
-            delta = self._attention(i, layer.self_attn, a, cos, sin, visible)
-            norm = layer.post_attention_layernorm
-            h, a = self.add_norm(h, delta, norm.weight, norm.variance_epsilon)
+            h, a, planes = self._norm(h, delta, layer.input_layernorm)
+            delta = self._attention(i, layer.self_attn, a, planes, cos, sin, visible)
+            h, a, planes = self._norm(h, delta, layer.post_attention_layernorm)
             mlp = layer.mlp
             if self.gate_up is not None:
-                gate, up = self.gate_up[i](a).chunk(2, -1)
+                gate, up = self._linear(self.gate_up[i], a, planes).chunk(2, -1)
             else:
-                gate, up = mlp.gate_proj(a), mlp.up_proj(a)
-            delta = mlp.down_proj(self.swiglu(gate, up))
+                gate, up = self._linear(mlp.gate_proj, a, planes), self._linear(mlp.up_proj, a, planes)
+            delta = self._linear(mlp.down_proj, *self._swiglu(gate, up))
         h, a = self.add_norm(h, delta, m.norm.weight, m.norm.variance_epsilon)
         logits = self.model.lm_head(a)[:, 0]
         self.token.copy_(logits.argmax(-1))
@@ -270,11 +309,11 @@ def measure(model, args, cuda: bool) -> dict:
     row = {}
     if cuda:
         for fuse, key in ((True, "tokens_per_s"), (False, "tokens_per_s_graph_unfused")):
-            decoder = StaticDecoder(model, args.max_len, fuse=fuse)
+            decoder = StaticDecoder(model, args.max_len, fuse=fuse, attention=args.attention)
             graph = capture(decoder)
             row[key] = round(tokens_per_s(graph.replay, decoder, args.steps, args.repeats, cuda), 1)
             del graph, decoder
-    decoder = StaticDecoder(model, args.max_len)
+    decoder = StaticDecoder(model, args.max_len, attention=args.attention)
     row["tokens_per_s_eager"] = round(tokens_per_s(decoder.step, decoder, args.eager_steps, 1, cuda), 1)
     row.setdefault("tokens_per_s", row["tokens_per_s_eager"])
     return row
@@ -308,7 +347,7 @@ def resident_bytes(model) -> int:
 
 
 def first_step_logits(model, args, fuse: bool = False, reference: bool = False) -> torch.Tensor:
-    decoder = StaticDecoder(model, args.max_len, fuse=fuse)
+    decoder = StaticDecoder(model, args.max_len, fuse=fuse, attention=args.attention)
     decoder.reset()
     if not reference:
         return decoder.step().float()
@@ -355,6 +394,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--attention", choices=["triton", "sdpa"], default=None,
+                   help="one-query attention for every variant: decode_attention.py's kernel (default on CUDA: "
+                   "writes the cache, reads the filled positions) or torch SDPA over the masked static cache")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--profile", action="store_true", help="also record each variant's kernels (torch.profiler: "
                    "calls and time per call, kernels inside the CUDA graphs included) in decode.json")
@@ -362,9 +404,10 @@ def main(argv=None) -> int:
     if args.smoke:
         args.shape, args.device, args.steps, args.eager_steps, args.max_len = "tiny", "cpu", 4, 4, 16
     cuda = args.device.startswith("cuda")
+    args.attention = args.attention or ("triton" if cuda else "sdpa")
     dtype = torch.float16 if cuda else torch.float32
     model = random_llama(args.shape, args.layers, dtype=dtype, device=args.device)
-    meta = {"date": datetime.date.today().isoformat(), "shape": args.shape,
+    meta = {"date": datetime.date.today().isoformat(), "shape": args.shape, "attention": args.attention,
             "layers": model.config.num_hidden_layers, "max_len": args.max_len, "steps": args.steps,
             "device_name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -384,7 +427,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     lines = [f"Decode, batch 1, {meta['shape']} ({meta['layers']} blocks), static cache {args.max_len}, "
-             f"{meta['device_name']}, {meta['date']}", "",
+             f"attention {args.attention}, {meta['device_name']}, {meta['date']}", "",
              "| variant | honest bits | block linears (stored / held) | tokens/s | x fp16 | tokens/s, graph without "
              "fusion | tokens/s, eager |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -52,6 +53,27 @@ def test_stacked_projections_give_the_plain_step():
         stacked.reset()
         for _ in range(3):
             assert torch.allclose(plain.step(), stacked.step(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_steps_with_decode_attention_and_fused_planes_give_the_plain_step():
+    """On a GPU, with the harness's attention kernel (fp16 and anybit) and the anybit fused step's
+    norms and SiLU-and-multiply writing the linears' bit planes (``anybit.kernels.xplanes``): the
+    plain step's logits (torch attention), within fp16 rounding, step after step."""
+    from anybit.kernels import tiled_codes_supported
+
+    model = random_llama("tiny", dtype=torch.float16, device="cuda")
+    for quantized in (False, True):
+        if quantized:
+            decode.to_anybit(model, decode.MIXES["3.25"])
+        plain = decode.StaticDecoder(model, max_len=8)
+        fast = decode.StaticDecoder(model, max_len=8, stack=True, planes=quantized, attention="triton")
+        assert not plain.planes and (not quantized or tiled_codes_supported("cuda"))
+        plain.reset()
+        fast.reset()
+        for _ in range(5):
+            want, got = plain.step().float(), fast.step().float()
+            assert float((got - want).norm() / want.norm()) < 1e-2
 
 
 def test_random_anybit_linear_mixes_widths_and_counts_bits():

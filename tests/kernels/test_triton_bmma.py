@@ -22,6 +22,7 @@ from interpreted import worker_results  # noqa: E402
 
 pytest.importorskip("triton")
 from anybit.kernels import triton_bmma as tb  # noqa: E402
+from anybit.kernels import xplanes  # noqa: E402
 
 TOL = 1e-3  # relative error, fp16
 
@@ -88,7 +89,7 @@ def emulated_error(rows, cols, bits, batch, with_scale, xscale):
     x = (torch.randn(batch, cols, generator=gen) * xscale).half()
     x[0, cols // 2] = 40 * xscale  # an outlier sets the fixed-point range
     scale = (torch.rand(cols, generator=gen) + 0.5).half() if with_scale else None
-    xpl, xs = tb.x_planes(x, scale)
+    xpl, xs = xplanes.x_planes(x, scale)
     y = tb.emulate(xpl, xs, packed, tb.subset_coefficients(lut, bits), bits, cols)
     ref = lut_linear_ref(x.float(), packed, lut, bits, cols, input_scale=None if scale is None else scale.float())
     return rel_err(y, ref)

@@ -189,6 +189,24 @@ def test_cuda_forward_keeps_one_tiled_copy_and_matches_dense(dtype):
     assert torch.allclose(on_cpu(x[:3].cpu().float()), dense[:3].cpu(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_reads_planes_made_before_it_and_ignores_them_where_x_is_transformed():
+    """``forward(x, planes=...)`` with the planes a fused op wrote (here ``x_planes`` itself) gives
+    the same output as the module making them; a module that permutes or scales x first cannot use
+    planes of the raw x and ignores them (planes of another x change nothing)."""
+    from anybit.kernels import xplanes
+
+    gen = torch.Generator().manual_seed(6)
+    plain = AnybitLinear.from_quantized(random_lut(200, 600, 0, seed=6, widths=(3, 4))).cuda()
+    x = torch.randn(1, 600, generator=gen).cuda().half()
+    other = xplanes.x_planes(torch.randn(1, 600, generator=gen).cuda().half())
+    assert torch.equal(plain(x, planes=xplanes.x_planes(x)), plain(x))
+    transformed = AnybitLinear.from_quantized(with_extras(random_lut(200, 600, 0, seed=6, widths=(3, 4)), seed=6))
+    transformed = transformed.cuda()
+    assert transformed.spec.perm or transformed.spec.input_scale
+    assert torch.equal(transformed(x, planes=other), transformed(x))
+
+
 def test_stacked_module_computes_the_linears_outputs_in_turn():
     weights = [with_extras(random_lut(7 + s, 45, 0, seed=s), seed=s, outliers=2 + s) for s in range(3)]
     for w in weights[1:]:

@@ -124,8 +124,10 @@ def _check_kernel_block(block, in_features: int) -> None:
 
 def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features: int, *,
                       input_scale: torch.Tensor | None = None, outliers=None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """A mixed-width matrix: ``blocks`` of (codes, lut, bits, row_index) covering every output row."""
+                      out: torch.Tensor | None = None, planes=None) -> torch.Tensor:
+    """A mixed-width matrix: ``blocks`` of (codes, lut, bits, row_index) covering every output row.
+    ``planes``: ``xplanes.x_planes`` of x (with ``input_scale``) when the op that made x wrote them too;
+    the binary tensor-core kernel then needs no launch of its own for them (ignored by the others)."""
     in_features = x.shape[-1]
     blocks = list(blocks)
     if out is None:
@@ -135,7 +137,8 @@ def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features:
         tk = _triton()
         for block in blocks:
             _check_kernel_block(block, in_features)
-        tk.launch_blocks(x2, [(b[0], b[1], int(b[2]), *b[3:]) for b in blocks], in_features, y2, input_scale)
+        tk.launch_blocks(x2, [(b[0], b[1], int(b[2]), *b[3:]) for b in blocks], in_features, y2, input_scale,
+                         planes=planes)
         if outliers is not None:
             tk.launch_outliers(x2, *csr_parts(outliers), y2)
         return out

@@ -17,8 +17,8 @@ ever decoded.
 Exactness: the popcounts are integers (int32 accumulators, exact), weighted by their planes and
 summed per thread in int32 and fp64 (exact below 2**53), then multiplied by the fp32 coefficients
 and summed in fp64: ``y = s_m * sum_T coef[r, T] * Y_T``. The rounding that matters is x to 24
-bits against the row's largest |x| (``_xplanes_kernel``: ``s_m`` a power of two, so values within
-2**13 of the largest keep every fp16 mantissa bit) and the fp32 coefficients.
+bits against the row's largest |x| (``anybit.kernels.xplanes``: ``s_m`` a power of two, so values
+within 2**13 of the largest keep every fp16 mantissa bit) and the fp32 coefficients.
 
 Work per 16 rows x 256 columns: ``2**b`` masks x 3 plane groups of 8 mma (b <= 3: one warp; 4 bits:
 two warps, 8 masks each); a program's warps may also split K (``warps_for``), summing in shared
@@ -28,10 +28,11 @@ call: ``bmma_batch_limit``) when the blocks come with ``prepare_block``'s operan
 keeps them instead of the stored codes on GPUs where this kernel runs: one copy), or with
 ``mode="bmma"``; measurements and what limits it: benchmarks/KERNEL_NOTES.md.
 
-Two launches per call for up to two width blocks: ``_xplanes_kernel`` (portable Triton, also
+Two launches per call for up to two width blocks: ``xplanes.x_planes`` (portable Triton, also
 under the interpreter) writes the planes of x once for all blocks of a matrix, then the Gluon
-kernel (CUDA, sm_80+) runs both blocks' row tiles. ``emulate`` is the same arithmetic in torch,
-for checks without a GPU.
+kernel (CUDA, sm_80+) runs both blocks' row tiles; one launch where the caller brings the planes
+(``launch(planes=...)``: made by the op before the linear, ``xplanes.add_rms_norm_planes``).
+``emulate`` is the same arithmetic in torch, for checks without a GPU.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
 try:  # Gluon: explicit layouts, needed to hand the mma its operand fragments (Triton >= 3.5)
     from triton.experimental import gluon
@@ -50,9 +50,8 @@ except Exception:  # pragma: no cover - older Triton: the FMA kernels serve ever
     gluon = None
 
 from anybit.kernels.tiling import KTILE, tile_codes
+from anybit.kernels.xplanes import MAX_KSPLIT, XTILE_WORDS, plane_weights, plane_words, x_planes
 
-PLANES = 24  # fixed-point bits of x; 3 groups of 8 mma columns
-XTILE_WORDS = 256  # x plane words an mma tile: 32 planes (24..31 repeat the sign, never read) x 8 chunks
 MAX_BITS = 4  # widths served here
 # Registers a thread. 128 let 4 warps share a scheduler's register file instead of 3: a third more warps
 # in flight, and one wave where it was 1.13 (tall matrices). A launch that fits 3 warps a scheduler
@@ -96,99 +95,6 @@ def prepare_block(codes: torch.Tensor, lut: torch.Tensor, bits: int) -> tuple[to
     caller that runs a block repeatedly makes it once and passes it with the block; the tiled
     codes are a second copy of the codes."""
     return subset_coefficients(lut, bits), tile_codes(codes, bits)
-
-
-MAX_KSPLIT = 8  # warps along K per program: x planes are padded to a multiple of this many mma tiles
-
-
-def plane_chunks(in_features: int) -> int:
-    """Chunks of 32 columns per plane of x, padded to a multiple of MAX_KSPLIT mma tiles (zeros past
-    in_features), so that every warp along K of a program has a tile to read."""
-    return -(-in_features // (32 * KTILE * MAX_KSPLIT)) * KTILE * MAX_KSPLIT
-
-
-# ----------------------------------------------------------------------------- x -> bit planes
-
-
-@triton.jit
-def _xplanes_kernel(x_ptr, scale_ptr, xpl_ptr, xs_ptr, K, NCP, stride_xm, stride_pm,
-                    HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, CB: tl.constexpr):
-    """Planes of x row m for chunks [pid * CB, (pid + 1) * CB): bit i of ``X = round(x / s_m)`` at
-    columns 32c..32c+31 in ``xpl[m, c // 8]``, at the word ``x_planes`` gives for plane i and chunk c % 8,
-    ``s_m = 2**(e - 23)`` with ``max|x| < 2**e`` (every program finds the row's max; it reads the
-    row from L2)."""
-    m = tl.program_id(0)
-    pid = tl.program_id(1)
-    xrow = x_ptr + m * stride_xm
-    offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        v = tl.load(xrow + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            v = v / tl.load(scale_ptr + k0 + offs, mask=k0 + offs < K, other=1.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    a = tl.max(amax, axis=0)
-    # e = floor(log2 a) + 1 from the fp32 exponent field (exact); a == 0 or tiny: e = -100
-    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
-    e = tl.maximum(e, -100)
-    up = ((150 - e) << 23).to(tl.float32, bitcast=True)  # 2**(23 - e)
-    if pid == 0:
-        tl.store(xs_ptr + m, ((104 + e) << 23).to(tl.float32, bitcast=True))  # 2**(e - 23)
-    ch = pid * CB + tl.arange(0, CB)
-    lane = tl.arange(0, 32)
-    cols = ch[:, None] * 32 + lane[None, :]
-    v = tl.load(xrow + cols, mask=cols < K, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        v = v / tl.load(scale_ptr + cols, mask=cols < K, other=1.0).to(tl.float32)
-    q = tl.floor(v * up + 0.5)
-    q = tl.minimum(tl.maximum(q, -8388608.0), 8388607.0).to(tl.int32)
-    plane = tl.arange(0, 32)
-    bit = (q[None, :, :] >> plane[:, None, None]) & 1  # (32 planes, CB, 32 columns)
-    words = tl.sum((bit << lane[None, None, :]).to(tl.uint32), axis=2)  # disjoint bits: sum = OR
-    c = ch % 8
-    poff = (plane // 16) * 128 + (plane % 8) * 16 + ((plane // 8) % 2) * 2
-    dst = xpl_ptr + m * stride_pm + (ch // 8 * 256 + (c // 2) * 4 + c % 2)[None, :] + poff[:, None]
-    tl.store(dst, words.to(tl.int32, bitcast=True), mask=ch[None, :] < NCP)
-
-
-def x_planes(x2: torch.Tensor, input_scale: torch.Tensor | None = None):
-    """(planes int32 (M, mma tiles, XTILE_WORDS), scales fp32 (M,)) of x2 (M, K) (divided by
-    ``input_scale`` per column when given): ``x2 / input_scale ~= scales[:, None] * X``. An mma
-    tile's words are in the order the kernel hands them to the mma as its B operand, two 128-word
-    halves (planes 0..15, 16..31) read like a plane of codes (``tiling``: lane ``4g + t``'s four
-    words contiguous): plane i of chunk c (of 8) at ``128 * (i // 16) + 16 * (i % 8) + 4 * (c // 2)
-    + 2 * ((i // 8) % 2) + c % 2`` -- so lane 4g + t holds planes g and 8 + g (16 + g) of chunks 2t,
-    2t + 1, the B fragments of its three plane groups. ``plane_words`` reads them back."""
-    M, K = x2.shape
-    ncp = plane_chunks(K)
-    xpl = torch.empty(M, ncp // KTILE, XTILE_WORDS, dtype=torch.int32, device=x2.device)
-    xs = torch.empty(M, dtype=torch.float32, device=x2.device)
-    if M == 0:
-        return xpl, xs
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    cb = 4
-    scale = input_scale.contiguous() if input_scale is not None else None
-    # 8 warps reading up to 16384 columns at a time for the max: 2.47 / 2.57 us instead of 2.64 /
-    # 2.83 at K = 11008 / 14336 (H100, KERNEL_NOTES)
-    _xplanes_kernel[(M, ncp // cb)](x2, scale if scale is not None else x2, xpl, xs, K, ncp, x2.stride(0),
-                                    xpl.stride(0), HAS_SCALE=scale is not None,
-                                    BLOCK_K=min(triton.next_power_of_2(K), 16384), CB=cb, num_warps=8)
-    return xpl, xs
-
-
-def plane_words(xpl: torch.Tensor) -> torch.Tensor:
-    """int32 (M, 24, chunks): ``x_planes``' words by plane and chunk of 32 columns."""
-    M, ktp = xpl.shape[:2]
-    w = xpl.view(M, ktp, 2, 8, 4, 2, 2)  # (tile, plane // 16, plane % 8, chunk // 2, (plane // 8) % 2, chunk % 2)
-    return w.permute(0, 2, 5, 3, 1, 4, 6).reshape(M, 32, ktp * KTILE)[:, :PLANES]
-
-
-def plane_weights(device) -> torch.Tensor:
-    """fp64 (24,): the value of each plane bit, two's complement."""
-    w = 2.0 ** torch.arange(PLANES, dtype=torch.float64, device=device)
-    w[-1] = -w[-1]
-    return w
 
 
 # ----------------------------------------------------------------------------- reference arithmetic

@@ -568,7 +568,7 @@ def _operands(x2, codes, lut, bits, use_asm, sel):
 
 
 def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | None = None,
-                  config: tuple[int, ...] | None = None, use_asm: bool | None = None):
+                  config: tuple[int, ...] | None = None, use_asm: bool | None = None, planes=None):
     """Write the rows of every width block ``(codes, lut, bits, row_index[, prepared])`` of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``lut`` is fp16 (fastest) or fp32 holding
     fp16 values (rows_b, >= 2**bits); ``mode`` "fma", "dot", "mma" or "bmma" (default: "bmma" for up
@@ -582,6 +582,8 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     ``triton_bmma.prepare_block`` (made per call when absent); wider blocks go to "fma" or "dot"
     by batch as without operands. A block with ``prepared`` may come without its stored codes
     (None): the tensor-core kernels read the tiled ones, the others get them untiled per call.
+    ``planes``: ``xplanes.x_planes(x2, input_scale)`` when already made (by the op that wrote x2); the
+    "bmma" path reads them instead of making its own, the other kernels read x2.
     Split-K launches share one workspace per device: do not run them concurrently on several streams."""
     M = x2.shape[0]
     blocks = [tuple(b[:4]) + (b[4] if len(b) > 4 else None,) for b in blocks if b[1].shape[0]]
@@ -608,7 +610,7 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
         from anybit.kernels import triton_bmma
 
         narrow = [b for b in blocks if b[2] <= triton_bmma.MAX_BITS]
-        triton_bmma.launch(x2, narrow, in_features, y2, scale, config=config)
+        triton_bmma.launch(x2, narrow, in_features, y2, scale, planes=planes, config=config)
         blocks = [b for b in blocks if b[2] > triton_bmma.MAX_BITS]
         mode, config = None, None
     if mode is None:

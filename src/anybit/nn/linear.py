@@ -207,14 +207,20 @@ class AnybitLinear(nn.Module):
         self._kernel_operands = (self._buffers_key(), operands)
         return operands
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, planes=None) -> torch.Tensor:
+        """``planes``: ``anybit.kernels.xplanes``' planes of x, when the op that made x wrote them too
+        (``add_rms_norm_planes``, ``silu_mul_planes``): the binary tensor-core kernel reads them and
+        spends no launch on x. Used only where the kernel reads x as given (no column permutation or
+        input scale in the spec); elsewhere ignored."""
         if not self.uses_kernel(x):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self.dequantize(torch.float32).to(x.dtype), bias)
         ops = self.kernel_operands(x.device)
         xs = x[..., ops["perm"]] if ops["perm"] is not None else x
+        if ops["perm"] is not None or ops["input_scale"] is not None:
+            planes = None
         y = _kernels().lut_linear_blocks(xs, ops["blocks"], self.out_features, input_scale=ops["input_scale"],
-                                         outliers=ops["outliers"])
+                                         outliers=ops["outliers"], planes=planes)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def weight_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""x as bit planes, the binary tensor-core kernel's operand (``triton_bmma``), and the ops that make them.
+
+A row of x becomes 24-bit fixed point ``x = s_m * X`` with ``s_m = 2**(e - 23)`` a power of two
+(``max|x| < 2**e``, so values within 2**13 of the largest keep every fp16 mantissa bit) and
+``X = sum_i w_i * bit_i(X)`` (two's complement: ``w_i = 2**i``, the sign plane ``-2**23``); plane
+i of 32 columns is one int32 word. An mma tile (256 columns) takes 256 words, in the order the
+kernel hands them to the mma as its B operand (``x_planes``).
+
+Three producers, one portable Triton kernel (also under the interpreter):
+
+- ``x_planes(x, input_scale)``: the planes of x itself (divided per column by the input scale):
+  its own launch before the linear.
+- ``add_rms_norm_planes(h, delta, weight, eps)`` and ``silu_mul_planes(gate, up)``: the glue a
+  LLaMA block runs before its linears (residual add + RMSNorm; SwiGLU's SiLU-and-multiply), with
+  the planes of their output written in the same launch, so that a decoder spends no launch on
+  them (``AnybitLinear.forward(x, planes=...)``; a launch is ~2 us against ~10 us for a batch-1
+  linear, benchmarks/KERNEL_NOTES.md).
+
+Every program of a launch reads its row in full for the row's reductions (sum of squares, largest
+|value|; the row is ~8-44 KB and stays in L2), then writes the values and planes of its own chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from anybit.kernels.tiling import KTILE
+
+PLANES = 24  # fixed-point bits of x; 3 groups of 8 mma columns
+XTILE_WORDS = 256  # x plane words an mma tile: 32 planes (24..31 repeat the sign, never read) x 8 chunks
+MAX_KSPLIT = 8  # warps along K of a bmma program: planes are padded to a multiple of this many mma tiles
+CHUNKS_PER_PROGRAM = 4
+MODE_X, MODE_RMS_NORM, MODE_SILU_MUL = 0, 1, 2
+
+
+def plane_chunks(in_features: int) -> int:
+    """Chunks of 32 columns per plane of x, padded to a multiple of MAX_KSPLIT mma tiles (zeros past
+    in_features), so that every warp along K of a program has a tile to read."""
+    return -(-in_features // (32 * KTILE * MAX_KSPLIT)) * KTILE * MAX_KSPLIT
+
+
+@triton.jit
+def _load(a_row, b_row, w_ptr, cols, K, MODE: tl.constexpr, HAS_B: tl.constexpr):
+    """The inputs of ``_value`` at ``cols`` as fp32 (0 past K; a missing input scale: 1)."""
+    inside = cols < K
+    a = tl.load(a_row + cols, mask=inside, other=0.0).to(tl.float32)
+    b = a
+    w = a
+    if HAS_B:
+        b = tl.load(b_row + cols, mask=inside, other=1.0 if MODE == 0 else 0.0).to(tl.float32)
+    if MODE == 1:
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    return a, b, w
+
+
+@triton.jit
+def _residual(a, b, DT: tl.constexpr, HAS_B: tl.constexpr):
+    """MODE_RMS_NORM's h = a + b, rounded to the row's dtype (a alone without a residual)."""
+    if HAS_B:
+        return (a + b).to(DT).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _value(a, b, w, inv_rms, DT: tl.constexpr, MODE: tl.constexpr, HAS_B: tl.constexpr):
+    """The row's value from ``_load``'s inputs. MODE_X: a / b (b the input scale, HAS_B), unrounded.
+    MODE_RMS_NORM: w * (h * inv_rms) with LlamaRMSNorm's roundings. MODE_SILU_MUL: silu(a) * b,
+    rounded as two fp16 (bf16) ops are."""
+    if MODE == 0:
+        v = a
+        if HAS_B:
+            v = a / b
+    elif MODE == 1:
+        v = (w * (_residual(a, b, DT, HAS_B) * inv_rms).to(DT).to(tl.float32)).to(DT).to(tl.float32)
+    else:
+        v = ((a / (1.0 + tl.exp(-a))).to(DT).to(tl.float32) * b).to(DT).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _planes_kernel(a_ptr, b_ptr, w_ptr, h_ptr, y_ptr, xpl_ptr, xs_ptr, K, NCP, eps,
+                   stride_am, stride_bm, stride_hm, stride_ym, stride_pm,
+                   MODE: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                   CB: tl.constexpr):
+    """Row m, chunks [pid * CB, (pid + 1) * CB) of 32 columns: the row's values (``_value``) at
+    those columns into y (and h, MODE_RMS_NORM with a residual) unless MODE_X, and their planes:
+    bit i of ``X = round(v / s_m)`` at columns 32c..32c+31 in ``xpl[m, c // 8]``, at the word
+    ``x_planes`` gives for plane i and chunk c % 8. A row of up to BLOCK_K columns (ONE_BLOCK) is
+    loaded once, with the program's own columns, before the reductions: one round trip to L2, not
+    one a pass."""
+    m = tl.program_id(0)
+    pid = tl.program_id(1)
+    DT: tl.constexpr = a_ptr.dtype.element_ty
+    a_row = a_ptr + m * stride_am
+    b_row = b_ptr + m * stride_bm
+    offs = tl.arange(0, BLOCK_K)
+    ch = pid * CB + tl.arange(0, CB)
+    lane = tl.arange(0, 32)
+    cols = ch[:, None] * 32 + lane[None, :]
+    own_a, own_b, own_w = _load(a_row, b_row, w_ptr, cols, K, MODE, HAS_B)
+    inv_rms = 1.0
+    if ONE_BLOCK:
+        ra, rb, rw = _load(a_row, b_row, w_ptr, offs, K, MODE, HAS_B)
+        if MODE == 1:  # LlamaRMSNorm: rsqrt(mean(h**2) + eps) in fp32
+            h = _residual(ra, rb, DT, HAS_B)
+            inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / K + eps)
+        a = tl.max(tl.abs(_value(ra, rb, rw, inv_rms, DT, MODE, HAS_B)), axis=0)
+    else:
+        if MODE == 1:
+            ssq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ra, rb, rw = _load(a_row, b_row, w_ptr, k0 + offs, K, MODE, HAS_B)
+                h = _residual(ra, rb, DT, HAS_B)
+                ssq += h * h
+            inv_rms = 1.0 / tl.sqrt(tl.sum(ssq, axis=0) / K + eps)
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ra, rb, rw = _load(a_row, b_row, w_ptr, k0 + offs, K, MODE, HAS_B)
+            amax = tl.maximum(amax, tl.abs(_value(ra, rb, rw, inv_rms, DT, MODE, HAS_B)))
+        a = tl.max(amax, axis=0)
+    # e = floor(log2 a) + 1 from the fp32 exponent field (exact); a == 0 or tiny: e = -100
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    e = tl.maximum(e, -100)
+    up = ((150 - e) << 23).to(tl.float32, bitcast=True)  # 2**(23 - e)
+    if pid == 0:
+        tl.store(xs_ptr + m, ((104 + e) << 23).to(tl.float32, bitcast=True))  # 2**(e - 23)
+    v = _value(own_a, own_b, own_w, inv_rms, DT, MODE, HAS_B)
+    if MODE != 0:
+        tl.store(y_ptr + m * stride_ym + cols, v.to(y_ptr.dtype.element_ty), mask=cols < K)
+    if MODE == 1 and HAS_B:  # the residual sum (without a residual, h is the input itself)
+        h = _residual(own_a, own_b, DT, HAS_B)
+        tl.store(h_ptr + m * stride_hm + cols, h.to(h_ptr.dtype.element_ty), mask=cols < K)
+    q = tl.floor(v * up + 0.5)
+    q = tl.minimum(tl.maximum(q, -8388608.0), 8388607.0).to(tl.int32)
+    plane = tl.arange(0, 32)
+    bit = (q[None, :, :] >> plane[:, None, None]) & 1  # (32 planes, CB, 32 columns)
+    words = tl.sum((bit << lane[None, None, :]).to(tl.uint32), axis=2)  # disjoint bits: sum = OR
+    c = ch % 8
+    poff = (plane // 16) * 128 + (plane % 8) * 16 + ((plane // 8) % 2) * 2
+    dst = xpl_ptr + m * stride_pm + (ch // 8 * 256 + (c // 2) * 4 + c % 2)[None, :] + poff[:, None]
+    tl.store(dst, words.to(tl.int32, bitcast=True), mask=ch[None, :] < NCP)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (M, K) with unit column stride (a view where it can be)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch(mode: int, a2, b2=None, weight=None, eps: float = 0.0, h2=None, y2=None):
+    M, K = a2.shape
+    ncp = plane_chunks(K)
+    xpl = torch.empty(M, ncp // KTILE, XTILE_WORDS, dtype=torch.int32, device=a2.device)
+    xs = torch.empty(M, dtype=torch.float32, device=a2.device)
+    if M == 0:
+        return xpl, xs
+    cb = CHUNKS_PER_PROGRAM
+    # 8 warps reading up to 16384 columns at a time for the row's reductions: at K = 11008 / 14336 2.47 /
+    # 2.57 us against 2.64 / 2.83 with 4 warps and 8192 (H100, KERNEL_NOTES)
+    block_k = min(triton.next_power_of_2(K), 16384)
+    _planes_kernel[(M, ncp // cb)](
+        a2, b2 if b2 is not None else a2, weight if weight is not None else a2, h2 if h2 is not None else a2,
+        y2 if y2 is not None else a2, xpl, xs, K, ncp, float(eps),
+        a2.stride(0), b2.stride(0) if b2 is not None and b2.dim() == 2 else 0,
+        h2.stride(0) if h2 is not None else 0, y2.stride(0) if y2 is not None else 0, xpl.stride(0),
+        MODE=mode, HAS_B=b2 is not None, BLOCK_K=block_k, ONE_BLOCK=K <= block_k, CB=cb, num_warps=8)
+    return xpl, xs
+
+
+def x_planes(x2: torch.Tensor, input_scale: torch.Tensor | None = None):
+    """(planes int32 (M, mma tiles, XTILE_WORDS), scales fp32 (M,)) of x2 (M, K) (divided by
+    ``input_scale`` per column when given): ``x2 / input_scale ~= scales[:, None] * X``. An mma
+    tile's words are in the order the kernel hands them to the mma as its B operand, two 128-word
+    halves (planes 0..15, 16..31) read like a plane of codes (``tiling``: lane ``4g + t``'s four
+    words contiguous): plane i of chunk c (of 8) at ``128 * (i // 16) + 16 * (i % 8) + 4 * (c // 2)
+    + 2 * ((i // 8) % 2) + c % 2`` -- so lane 4g + t holds planes g and 8 + g (16 + g) of chunks 2t,
+    2t + 1, the B fragments of its three plane groups. ``plane_words`` reads them back."""
+    scale = input_scale.contiguous() if input_scale is not None else None
+    return _launch(MODE_X, _rows(x2), scale)
+
+
+def add_rms_norm_planes(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """LlamaRMSNorm of the residual sum in one launch: ``(s, y, planes)`` with ``s = h + delta`` (h
+    when delta is None) in h's dtype, ``y = weight * rms_norm(s)`` rounded as LlamaRMSNorm rounds
+    (fp32 statistics, cast back, then the weight) and ``planes = x_planes(y)``, bit for bit."""
+    h2 = _rows(h)
+    d2 = _rows(delta) if delta is not None else None
+    s = torch.empty(h2.shape, dtype=h.dtype, device=h.device) if delta is not None else h2
+    y = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
+    planes = _launch(MODE_RMS_NORM, h2, d2, weight.contiguous(), eps, s if delta is not None else None, y)
+    return s.view(h.shape), y.view(h.shape), planes
+
+
+def silu_mul_planes(gate: torch.Tensor, up: torch.Tensor):
+    """SwiGLU's ``silu(gate) * up`` (two rounded ops, as in eager PyTorch) and ``x_planes`` of it, one
+    launch: ``(y, planes)``."""
+    g2, u2 = _rows(gate), _rows(up)
+    y = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    planes = _launch(MODE_SILU_MUL, g2, u2, None, 0.0, None, y)
+    return y.view(gate.shape), planes
+
+
+def plane_words(xpl: torch.Tensor) -> torch.Tensor:
+    """int32 (M, 24, chunks): ``x_planes``' words by plane and chunk of 32 columns."""
+    M, ktp = xpl.shape[:2]
+    w = xpl.view(M, ktp, 2, 8, 4, 2, 2)  # (tile, plane // 16, plane % 8, chunk // 2, (plane // 8) % 2, chunk % 2)
+    return w.permute(0, 2, 5, 3, 1, 4, 6).reshape(M, 32, ktp * KTILE)[:, :PLANES]
+
+
+def plane_weights(device) -> torch.Tensor:
+    """fp64 (24,): the value of each plane bit, two's complement."""
+    w = 2.0 ** torch.arange(PLANES, dtype=torch.float64, device=device)
+    w[-1] = -w[-1]
+    return w
