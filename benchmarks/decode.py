@@ -26,10 +26,10 @@ block become 4), for fp16 (``nn.Linear`` of the concatenated weights) and anybit
 (``AnybitLinear.stacked``) alike, as inference engines do. Where anybit's binary tensor-core kernel
 runs, the anybit fused step's residual add + RMSNorm and SiLU-and-multiply are anybit's own fused
 ops (``anybit.kernels.xplanes``: one launch each, as the compiled glue, that also writes the bit
-planes the linear after it reads), so that only o_proj makes its planes in a launch of its own. On a GPU where the tensor-core kernels
-run, ``AnybitLinear`` keeps the codes of its blocks of up to 4 bits in their tiled order only
-(after its first forward): "resident_gib" is what the block linears then hold, "block_linear_gib"
-the stored (checkpoint) size.
+planes the linear after it reads), so that only o_proj makes its planes in a launch of its own.
+On a GPU where the tensor-core kernels run, ``AnybitLinear`` keeps the codes of its blocks of up
+to 4 bits in their tiled order only (after its first forward): "resident_gib" is what the block
+linears then hold, "block_linear_gib" the stored (checkpoint) size.
 Writes ``decode.json`` and ``decode.md`` to --out (default $OUT or the current directory).
 """
 

@@ -149,7 +149,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch(mode: int, a2, b2=None, weight=None, eps: float = 0.0, h2=None, y2=None):
+def _launch(mode: int, a2, b2=None, weight=None, eps: float = 0.0, sum_out=None, y_out=None):
+    """Planes ``(xpl, xs)`` of the values ``_value`` makes from the rows of a2 (and b2, weight) in
+    ``mode``; the values also into y_out, and MODE_RMS_NORM's residual sum into sum_out, when given."""
     M, K = a2.shape
     ncp = plane_chunks(K)
     xpl = torch.empty(M, ncp // KTILE, XTILE_WORDS, dtype=torch.int32, device=a2.device)
@@ -161,10 +163,10 @@ def _launch(mode: int, a2, b2=None, weight=None, eps: float = 0.0, h2=None, y2=N
     # 2.57 us against 2.64 / 2.83 with 4 warps and 8192 (H100, KERNEL_NOTES)
     block_k = min(triton.next_power_of_2(K), 16384)
     _planes_kernel[(M, ncp // cb)](
-        a2, b2 if b2 is not None else a2, weight if weight is not None else a2, h2 if h2 is not None else a2,
-        y2 if y2 is not None else a2, xpl, xs, K, ncp, float(eps),
+        a2, b2 if b2 is not None else a2, weight if weight is not None else a2,
+        sum_out if sum_out is not None else a2, y_out if y_out is not None else a2, xpl, xs, K, ncp, float(eps),
         a2.stride(0), b2.stride(0) if b2 is not None and b2.dim() == 2 else 0,
-        h2.stride(0) if h2 is not None else 0, y2.stride(0) if y2 is not None else 0, xpl.stride(0),
+        sum_out.stride(0) if sum_out is not None else 0, y_out.stride(0) if y_out is not None else 0, xpl.stride(0),
         MODE=mode, HAS_B=b2 is not None, BLOCK_K=block_k, ONE_BLOCK=K <= block_k, CB=cb, num_warps=8)
     return xpl, xs
 
@@ -186,10 +188,11 @@ def add_rms_norm_planes(h: torch.Tensor, delta: torch.Tensor | None, weight: tor
     when delta is None) in h's dtype, ``y = weight * rms_norm(s)`` rounded as LlamaRMSNorm rounds
     (fp32 statistics, cast back, then the weight) and ``planes = x_planes(y)``, bit for bit."""
     h2 = _rows(h)
-    d2 = _rows(delta) if delta is not None else None
-    s = torch.empty(h2.shape, dtype=h.dtype, device=h.device) if delta is not None else h2
     y = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
-    planes = _launch(MODE_RMS_NORM, h2, d2, weight.contiguous(), eps, s if delta is not None else None, y)
+    if delta is None:
+        return h, y.view(h.shape), _launch(MODE_RMS_NORM, h2, None, weight.contiguous(), eps, None, y)
+    s = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
+    planes = _launch(MODE_RMS_NORM, h2, _rows(delta), weight.contiguous(), eps, s, y)
     return s.view(h.shape), y.view(h.shape), planes
 
 
