@@ -32,13 +32,14 @@ def _rope(x_ptr, d, cos_row, sin_row, ROPE: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, part_ptr, ticket_ptr,
                              cos_ptr, sin_ptr, scale, stride_qb, stride_qh, stride_nb, stride_nh, stride_vb, stride_vh,
-                             stride_cb, stride_ch, stride_cn, stride_ob, stride_rb,
+                             stride_cb, stride_ch, stride_cn, stride_ob, stride_rb, stride_rn,
                              GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
                              ROPE: tl.constexpr):
     """Program (head, split, row of the batch): cached positions [split * BLOCK_N, +BLOCK_N) below
     pos (split 0 also the new key), its softmax partials (max, sum, D weighted values) into
     ``part``; the last program of the head to take its ticket combines them and resets the ticket.
-    ROPE: q and the new key are rotated here (cos, sin of the position, rows of stride_rb)."""
+    ROPE: q and the new key are rotated here (cos, sin: a batch row of stride_rb, the position's row
+    of stride_rn: 0 when given for this position only)."""
     h = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -46,8 +47,8 @@ def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_p
     kvh = h // GROUP
     d = tl.arange(0, D)
     pos = tl.load(pos_ptr)
-    cos_row = cos_ptr + b * stride_rb
-    sin_row = sin_ptr + b * stride_rb
+    cos_row = cos_ptr + b * stride_rb + pos * stride_rn
+    sin_row = sin_ptr + b * stride_rb + pos * stride_rn
     q = _rope(q_ptr + b * stride_qb + h * stride_qh, d, cos_row, sin_row, ROPE, D) * scale
     kc = kc_ptr + b * stride_cb + kvh * stride_ch
     vc = vc_ptr + b * stride_cb + kvh * stride_ch
@@ -115,8 +116,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     """Attention of one new position: q (b, heads, 1, d), its key and value k, v (b, kv_heads, 1, d)
     are written into the caches (b, kv_heads, max_len, d) at ``pos`` (a 0-d device tensor) and q
     attends to positions 0..pos (scale 1 / sqrt(d), kv heads shared by heads // kv_heads heads).
-    With ``cos``, ``sin`` ((b or 1, 1, d), the rotary embedding of the position), q and k are
-    rotated first (``apply_rotary_pos_emb``), in the same launch.
+    With ``cos``, ``sin`` (b or 1, n, d), the rotary embedding, q and k are rotated first
+    (``apply_rotary_pos_emb``), in the same launch: n = 1, that of this position; n > 1, a table
+    of every position (row pos is read: no launch a step to make them).
     Returns (b, 1, heads * d), the layout o_proj reads. The cached positions are split over
     max_len / ``block_n`` programs a head (those past pos return at once), ``warps`` a program:
     ``python benchmarks/decode_attention.py`` times the choices."""
@@ -131,11 +133,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     out = torch.empty(b, 1, heads * d, dtype=q.dtype, device=q.device)
     rope = cos is not None
     if rope:
-        cos, sin = cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous()
+        if cos.shape != sin.shape or cos.dim() != 3 or cos.stride(-1) != 1 or cos.stride() != sin.stride():
+            raise ValueError("decode_attention: cos and sin of one (b or 1, positions, d) layout")
     _decode_attention_kernel[(heads, splits, b)](
         q, k, v, k_cache, v_cache, pos, out, part, tickets, cos if rope else q, sin if rope else q, d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), out.stride(0), cos.stride(0) if rope and cos.shape[0] > 1 else 0,
+        cos.stride(1) if rope and cos.shape[1] > 1 else 0,
         GROUP=heads // kv_heads, D=d, BLOCK_N=block_n, SPLITS=splits, ROPE=rope, num_warps=warps)
     return out
 

@@ -13,7 +13,10 @@ calls over N weight buffers, 3x the L2 in all, captured in one CUDA graph; the r
 the same way, the bytes the kernel must read and write (codes + codebooks + row indices + x + y),
 achieved GB/s and the share of the measured copy bandwidth (a 1 GiB device-to-device copy, bytes
 read + written). Before the timings: the kernels against the pure-torch reference on odd shapes,
-widths 1..8, fresh random inputs and NaN-poisoned outputs; each timed case is checked too.
+widths 1..8, fresh random inputs and NaN-poisoned outputs; each timed case is checked too. Where
+the call runs the binary tensor-core kernel (batches 1-2), the same call is also timed with x's
+bit planes made beforehand ("x planes given"), as a decode step's fused norm / SiLU-and-multiply
+makes them: the kernel's launch alone, not the x-plane launch before it.
 Writes ``kernels.md`` and ``kernels.json`` to $OUT (or --out); prints the table last.
 """
 
@@ -47,6 +50,7 @@ if "anybit" not in sys.modules:  # import the kernels without the package's __in
 from anybit.kernels import lut_linear_ref, tiled_codes_supported  # noqa: E402
 from random_llama import random_lut_block  # noqa: E402
 from anybit.kernels import triton_lut as tk  # noqa: E402
+from anybit.kernels import xplanes  # noqa: E402
 from anybit.kernels.reference import add_outliers_ref  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 4096)]
@@ -108,8 +112,14 @@ def block_bytes(blocks, in_f, out_f, batch, elem):
     return n + batch * (in_f + out_f) * elem
 
 
-def run_blocks(x, blocks, y, mode=None, config=None, use_asm=None):
-    return tk.launch_blocks(x, blocks, x.shape[1], y, mode=mode, config=config, use_asm=use_asm)
+def run_blocks(x, blocks, y, mode=None, config=None, use_asm=None, planes=None):
+    return tk.launch_blocks(x, blocks, x.shape[1], y, mode=mode, config=config, use_asm=use_asm, planes=planes)
+
+
+def planes_read(blocks, batch: int) -> bool:
+    """Whether ``launch_blocks`` runs the binary tensor-core kernel here (blocks with prepared operands,
+    fp16 x of up to ``BMMA_MAX_BATCH_WITH_FRAGMENTS`` rows), which reads x as bit planes."""
+    return any(len(b) > 4 and b[4] is not None for b in blocks) and batch <= tk.BMMA_MAX_BATCH_WITH_FRAGMENTS
 
 
 def ref_blocks(x, blocks, out_f, input_scale=None, outliers=None):
@@ -363,9 +373,22 @@ def main():
             row = dict(shape=f"{out_f}x{in_f}", width=width, batch=batch, us=t_k * 1e3, fp16_us=t_f * 1e3,
                        bytes=nbytes, GBps=gbs, pct_copy=100 * gbs * 1e9 / bw, speedup=t_f / t_k, rel_err=err,
                        buffers=len(mats))
+            if device == "cuda" and planes_read(kept[0], batch):
+                # the same call with x's planes made beforehand, as the op before a linear makes them in the
+                # decode step (``xplanes.add_rms_norm_planes``): the binary tensor-core kernel's launch alone
+                planes = xplanes.x_planes(x)
+                want, yy = torch.full_like(y, float("nan")), torch.full_like(y, float("nan"))
+                run_blocks(x, kept[0], want)
+                run_blocks(x, kept[0], yy, planes=planes)
+                if not torch.equal(yy, want):
+                    raise AssertionError(f"{row['shape']} w={width} b={batch}: planes given changed the output")
+                t_p = bench_calls([lambda m=m: run_blocks(x, m, yy, planes=planes) for m in kept], device)
+                row.update(us_planes_given=t_p * 1e3, pct_copy_planes_given=100 * nbytes / (t_p * 1e-3) / bw,
+                           speedup_planes_given=t_f / t_p)
             rows_out.append(row)
+            given = f"  (planes given {row['us_planes_given']:.2f} us)" if "us_planes_given" in row else ""
             log(f"{row['shape']:>11} w={width:>4} b={batch:>2}: {row['us']:8.2f} us  fp16 {row['fp16_us']:8.2f} us"
-                f"  {gbs:7.0f} GB/s  {row['pct_copy']:5.1f}%  x{row['speedup']:.2f}  err {err:.1e}")
+                f"  {gbs:7.0f} GB/s  {row['pct_copy']:5.1f}%  x{row['speedup']:.2f}  err {err:.1e}{given}")
             if sweep_now and (batch in (1, 2, 16) or args.configs):  # other batches: when asked for
                 plan = [(m, c, True) for m, c in sweep_configs
                         if m in ("fma", "bmma", "mma", "mma-stored") or batch > 1 or c[5] == 0]
@@ -399,11 +422,14 @@ def main():
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info.get('triton', '-')}; {info['date']}; "
              f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write).", "",
              "| shape (out x in) | bits | batch | kernel us | fp16 F.linear us | bytes | GB/s | % of copy bw "
-             "| speed-up |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| speed-up | x planes given: us / % of copy bw / speed-up |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows_out:
+        given = (f"{r['us_planes_given']:.2f} / {r['pct_copy_planes_given']:.1f} / {r['speedup_planes_given']:.2f}"
+                 if "us_planes_given" in r else "-")
         lines.append(f"| {r['shape']} | {r['width']} | {r['batch']} | {r['us']:.2f} | {r['fp16_us']:.2f} | "
-                     f"{r['bytes'] / 1e6:.2f} MB | {r['GBps']:.0f} | {r['pct_copy']:.1f} | {r['speedup']:.2f} |")
+                     f"{r['bytes'] / 1e6:.2f} MB | {r['GBps']:.0f} | {r['pct_copy']:.1f} | {r['speedup']:.2f} | "
+                     f"{given} |")
     table = "\n".join(lines)
     # targets of issue #5
     verdict = []
@@ -411,8 +437,10 @@ def main():
         key = tuple(int(v) for v in r["shape"].split("x"))
         if r["batch"] == 1 and r["width"] in ("3", "3.25") and key in TARGET_SHAPES:
             ok = r["pct_copy"] >= 70 and r["speedup"] >= 3
+            given = (f" (x planes given: {r['pct_copy_planes_given']:.1f}%, x{r['speedup_planes_given']:.2f})"
+                     if "us_planes_given" in r else "")
             verdict.append(f"{r['shape']} w={r['width']} b=1: {r['pct_copy']:.1f}% of copy bw, x{r['speedup']:.2f} "
-                           f"-> {'met' if ok else 'MISSED'}")
+                           f"-> {'met' if ok else 'MISSED'}{given}")
         if r["batch"] > 1 and r["speedup"] < 1:
             verdict.append(f"{r['shape']} w={r['width']} b={r['batch']}: slower than fp16 "
                            f"(x{r['speedup']:.2f}) -> MISSED")

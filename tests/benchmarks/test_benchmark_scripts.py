@@ -76,6 +76,20 @@ def test_cuda_steps_with_decode_attention_and_fused_planes_give_the_plain_step()
             assert float((got - want).norm() / want.norm()) < 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_timeline_splits_a_graph_step_into_kernels_and_idle_time():
+    import argparse
+
+    model = random_llama("tiny", dtype=torch.float16, device="cuda")
+    t = decode.step_timeline(model, argparse.Namespace(max_len=8, attention="triton"))
+    layers = model.config.num_hidden_layers
+    assert 0 < t["kernel_us"] <= t["span_us"] and t["idle_us"] >= 0
+    assert sum(k["calls"] for k in t["kernels"]) == t["launches"] > 7 * layers
+    # one block from one attention launch to the next: the attention kernel, then its 6 or more launches
+    assert t["block"][0]["kernel"] == "_decode_attention_kernel" and len(t["block"]) >= 7
+    assert any(k["kernel"] == "_decode_attention_kernel" and k["calls"] == layers for k in t["kernels"])
+
+
 def test_random_anybit_linear_mixes_widths_and_counts_bits():
     gen = torch.Generator().manual_seed(0)
     m = decode.random_anybit_linear(400, 256, decode.MIXES["3.25"], "cpu", gen)

@@ -58,6 +58,12 @@ def case_errors(b, heads, kv_heads, d, pos, device="cpu"):
     fused = decode_attention(q, k, v, k3, v3, torch.tensor(pos, device=device), cos, sin)
     result["rope_out"] = float((fused.float() - plain.float()).norm() / plain.float().norm())
     result["rope_cache"] = float((k3.float() - k2.float()).abs().max())
+    # the same rotation read from a table of every position at row pos (other rows are noise)
+    cos_table, sin_table = rand(1, MAX_LEN, d), rand(1, MAX_LEN, d)
+    cos_table[:, pos], sin_table[:, pos] = cos[:, 0], sin[:, 0]
+    k4, v4 = want_k.clone(), want_v.clone()
+    table = decode_attention(q, k, v, k4, v4, torch.tensor(pos, device=device), cos_table, sin_table)
+    result["table_same"] = bool(torch.equal(table, fused) and torch.equal(k4, k3))
     return result
 
 
@@ -70,7 +76,7 @@ def interpreted_errors():
 def test_attention_over_filled_positions_matches_masked_sdpa(interpreted_errors, case):
     r = interpreted_errors[str(case)]
     assert r["cache_exact"] and r["out"] < 1e-5
-    assert r["rope_out"] < 1e-5 and r["rope_cache"] < 1e-5
+    assert r["rope_out"] < 1e-5 and r["rope_cache"] < 1e-5 and r["table_same"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -79,6 +85,7 @@ def test_attention_cuda(case):
     r = case_errors(*case, device="cuda")
     assert r["cache_exact"] and r["out"] < 1e-3
     assert r["rope_out"] < 2e-3 and r["rope_cache"] < 2e-2  # fp16: rotated once in fp32 against twice rounded
+    assert r["table_same"]
 
 
 if __name__ == "__main__":

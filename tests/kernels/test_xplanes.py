@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from interpreted import worker_results  # noqa: E402
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 from anybit.kernels import xplanes  # noqa: E402
 
 CASES = [  # (rows, columns, dtype, residual given, strided input); past 16384 columns the row is read in blocks
@@ -41,8 +41,13 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def inputs(rows, cols, dtype, strided, gen):
     """Two (rows, cols) tensors, as views into one (rows, 2 * cols) tensor when ``strided`` (as a
-    stacked gate/up output chunked in two)."""
-    both = (torch.randn(rows, 2 * cols, generator=gen) * 2).to(getattr(torch, dtype))
+    stacked gate/up output chunked in two). Row r's largest values sit at column cols - 1 - r * cols
+    // 4, so that across the cases every piece of a row (``xplanes.row_blocks``) holds the maximum."""
+    both = torch.randn(rows, 2 * cols, generator=gen) * 2
+    for r in range(rows):
+        c = cols - 1 - r * (cols // 4)
+        both[r, [c, cols + c]] = torch.tensor([9.0, -7.0]) * (1 + r)
+    both = both.to(getattr(torch, dtype))
     if strided:
         return both[:, :cols], both[:, cols:]
     return both[:, :cols].contiguous(), both[:, cols:].contiguous()
@@ -94,6 +99,17 @@ def test_plane_chunks_pad_to_whole_programs_of_the_widest_k_split():
         assert n * 32 >= k and n % (xplanes.KTILE * xplanes.MAX_KSPLIT) == 0
         assert n * 32 - k < tile_cols * xplanes.MAX_KSPLIT
         assert n % xplanes.CHUNKS_PER_PROGRAM == 0
+
+
+def test_row_blocks_cover_the_row_with_few_power_of_two_pieces():
+    for k in (1, 7, 300, 1000, 2100, 4096, 5120, 11008, 14336, 16384):
+        block, p1, p2, loop = xplanes.row_blocks(k, xplanes.MODE_SILU_MUL)
+        pieces = [p for p in (block, p1, p2) if p]
+        assert not loop and sum(pieces) >= k and sum(pieces) - k < pieces[-1]
+        assert all(p & (p - 1) == 0 for p in pieces) and pieces == sorted(pieces, reverse=True)
+        assert xplanes.row_blocks(k, xplanes.MODE_RMS_NORM) == (triton.next_power_of_2(k), 0, 0, False)
+    assert xplanes.row_blocks(11008, xplanes.MODE_SILU_MUL)[:3] == (8192, 2048, 1024)
+    assert xplanes.row_blocks(16500, xplanes.MODE_X) == (16384, 0, 0, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

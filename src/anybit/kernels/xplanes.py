@@ -80,16 +80,24 @@ def _value(a, b, w, inv_rms, DT: tl.constexpr, MODE: tl.constexpr, HAS_B: tl.con
 
 
 @triton.jit
+def _squares(a, b, DT: tl.constexpr, HAS_B: tl.constexpr):
+    """Per-lane MODE_RMS_NORM h * h of ``_load``'s inputs."""
+    h = _residual(a, b, DT, HAS_B)
+    return h * h
+
+
+@triton.jit
 def _planes_kernel(a_ptr, b_ptr, w_ptr, h_ptr, y_ptr, xpl_ptr, xs_ptr, K, NCP, eps,
                    stride_am, stride_bm, stride_hm, stride_ym, stride_pm,
-                   MODE: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                   CB: tl.constexpr):
+                   MODE: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr, P1: tl.constexpr,
+                   P2: tl.constexpr, LOOP: tl.constexpr, CB: tl.constexpr):
     """Row m, chunks [pid * CB, (pid + 1) * CB) of 32 columns: the row's values (``_value``) at
     those columns into y (and h, MODE_RMS_NORM with a residual) unless MODE_X, and their planes:
     bit i of ``X = round(v / s_m)`` at columns 32c..32c+31 in ``xpl[m, c // 8]``, at the word
-    ``x_planes`` gives for plane i and chunk c % 8. A row of up to BLOCK_K columns (ONE_BLOCK) is
-    loaded once, with the program's own columns, before the reductions: one round trip to L2, not
-    one a pass."""
+    ``x_planes`` gives for plane i and chunk c % 8. For the row's reductions a row of up to three
+    power-of-two pieces (BLOCK_K, P1, P2 columns; 0: none) is loaded once, with the program's own
+    columns, before them (one round trip to L2, not one a pass); LOOP: longer rows, a loop over
+    blocks of BLOCK_K."""
     m = tl.program_id(0)
     pid = tl.program_id(1)
     DT: tl.constexpr = a_ptr.dtype.element_ty
@@ -101,25 +109,36 @@ def _planes_kernel(a_ptr, b_ptr, w_ptr, h_ptr, y_ptr, xpl_ptr, xs_ptr, K, NCP, e
     cols = ch[:, None] * 32 + lane[None, :]
     own_a, own_b, own_w = _load(a_row, b_row, w_ptr, cols, K, MODE, HAS_B)
     inv_rms = 1.0
-    if ONE_BLOCK:
-        ra, rb, rw = _load(a_row, b_row, w_ptr, offs, K, MODE, HAS_B)
-        if MODE == 1:  # LlamaRMSNorm: rsqrt(mean(h**2) + eps) in fp32
-            h = _residual(ra, rb, DT, HAS_B)
-            inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / K + eps)
-        a = tl.max(tl.abs(_value(ra, rb, rw, inv_rms, DT, MODE, HAS_B)), axis=0)
-    else:
+    if LOOP:
         if MODE == 1:
             ssq = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ra, rb, rw = _load(a_row, b_row, w_ptr, k0 + offs, K, MODE, HAS_B)
-                h = _residual(ra, rb, DT, HAS_B)
-                ssq += h * h
+                ssq += _squares(ra, rb, DT, HAS_B)
             inv_rms = 1.0 / tl.sqrt(tl.sum(ssq, axis=0) / K + eps)
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ra, rb, rw = _load(a_row, b_row, w_ptr, k0 + offs, K, MODE, HAS_B)
             amax = tl.maximum(amax, tl.abs(_value(ra, rb, rw, inv_rms, DT, MODE, HAS_B)))
         a = tl.max(amax, axis=0)
+    else:
+        ra, rb, rw = _load(a_row, b_row, w_ptr, offs, K, MODE, HAS_B)
+        if P1 > 0:
+            ra1, rb1, rw1 = _load(a_row, b_row, w_ptr, BLOCK_K + tl.arange(0, P1), K, MODE, HAS_B)
+        if P2 > 0:
+            ra2, rb2, rw2 = _load(a_row, b_row, w_ptr, BLOCK_K + P1 + tl.arange(0, P2), K, MODE, HAS_B)
+        if MODE == 1:  # LlamaRMSNorm: rsqrt(mean(h**2) + eps) in fp32
+            ssq = tl.sum(_squares(ra, rb, DT, HAS_B), axis=0)
+            if P1 > 0:
+                ssq += tl.sum(_squares(ra1, rb1, DT, HAS_B), axis=0)
+            if P2 > 0:
+                ssq += tl.sum(_squares(ra2, rb2, DT, HAS_B), axis=0)
+            inv_rms = 1.0 / tl.sqrt(ssq / K + eps)
+        a = tl.max(tl.abs(_value(ra, rb, rw, inv_rms, DT, MODE, HAS_B)), axis=0)
+        if P1 > 0:
+            a = tl.maximum(a, tl.max(tl.abs(_value(ra1, rb1, rw1, inv_rms, DT, MODE, HAS_B)), axis=0))
+        if P2 > 0:
+            a = tl.maximum(a, tl.max(tl.abs(_value(ra2, rb2, rw2, inv_rms, DT, MODE, HAS_B)), axis=0))
     # e = floor(log2 a) + 1 from the fp32 exponent field (exact); a == 0 or tiny: e = -100
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
     e = tl.maximum(e, -100)
@@ -143,6 +162,25 @@ def _planes_kernel(a_ptr, b_ptr, w_ptr, h_ptr, y_ptr, xpl_ptr, xs_ptr, K, NCP, e
     tl.store(dst, words.to(tl.int32, bitcast=True), mask=ch[None, :] < NCP)
 
 
+def row_blocks(K: int, mode: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_K, P1, P2, LOOP) of ``_planes_kernel`` for rows of K columns. Every program evaluates
+    the whole row for its reductions, padded lanes included: MODE_SILU_MUL, where that is a SiLU a
+    lane, splits the row into up to three power-of-two pieces (11008: 8192 + 2048 + 1024 lanes, not
+    16384; 14336: 8192 + 4096 + 2048, exact), the other modes take one power-of-two block (a cross-warp
+    reduction a piece costs them more than their idle lanes: H100, KERNEL_NOTES "Twelfth session").
+    Rows over 16384 columns: a loop over blocks of 16384."""
+    if K > 16384:
+        return 16384, 0, 0, True
+    if mode != MODE_SILU_MUL:
+        return triton.next_power_of_2(K), 0, 0, False
+    pieces, rest = [], K
+    while rest > 0:
+        p = 1 << (rest.bit_length() - 1)
+        pieces.append(p if len(pieces) < 2 or p == rest else 2 * p)
+        rest -= pieces[-1]
+    return (*(pieces + [0, 0])[:3], False)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as (M, K) with unit column stride (a view where it can be)."""
     t2 = t.reshape(-1, t.shape[-1])
@@ -159,15 +197,16 @@ def _launch(mode: int, a2, b2=None, weight=None, eps: float = 0.0, sum_out=None,
     if M == 0:
         return xpl, xs
     cb = CHUNKS_PER_PROGRAM
-    # 8 warps reading up to 16384 columns at a time for the row's reductions: at K = 11008 / 14336 2.47 /
-    # 2.57 us against 2.64 / 2.83 with 4 warps and 8192 (H100, KERNEL_NOTES)
-    block_k = min(triton.next_power_of_2(K), 16384)
+    block_k, p1, p2, loop = row_blocks(K, mode)
+    # 8 warps for the row's reductions: at K = 11008 / 14336 2.47 / 2.57 us against 2.64 / 2.83 with 4 warps
+    # (H100, KERNEL_NOTES "Eleventh session")
     _planes_kernel[(M, ncp // cb)](
         a2, b2 if b2 is not None else a2, weight if weight is not None else a2,
         sum_out if sum_out is not None else a2, y_out if y_out is not None else a2, xpl, xs, K, ncp, float(eps),
         a2.stride(0), b2.stride(0) if b2 is not None and b2.dim() == 2 else 0,
         sum_out.stride(0) if sum_out is not None else 0, y_out.stride(0) if y_out is not None else 0, xpl.stride(0),
-        MODE=mode, HAS_B=b2 is not None, BLOCK_K=block_k, ONE_BLOCK=K <= block_k, CB=cb, num_warps=8)
+        MODE=mode, HAS_B=b2 is not None, BLOCK_K=block_k, P1=p1, P2=p2, LOOP=loop, CB=cb,
+        num_warps=8)
     return xpl, xs
 
 
