@@ -297,10 +297,8 @@ def to_anybit(model, mix: dict[int, float], seed: int = 0) -> None:
     AnybitLinear, in place."""
     gen = torch.Generator().manual_seed(seed)
     for block, name, m in block_linears(model):
-        parent, _, child = name.rpartition(".")
         device = next(m.buffers()).device if isinstance(m, AnybitLinear) else m.weight.device
-        new = random_anybit_linear(m.out_features, m.in_features, mix, device, gen)
-        setattr(block.get_submodule(parent) if parent else block, child, new)
+        block.set_submodule(name, random_anybit_linear(m.out_features, m.in_features, mix, device, gen))
 
 
 def honest_bits(model) -> float:
@@ -486,8 +484,7 @@ def main(argv=None) -> int:
         # the dense model again, after the quantized ones: the same GPU state on both sides of them (a run's
         # first variant was up to 2.5% off its second run, H100), and every ratio against the faster of the two
         for block, name, m in originals:
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, m)
+            block.set_submodule(name, m)
         rows.append({**rows[0], **timed(model, args, cuda), "variant": f"{dense} (again)"})
         print(json.dumps(rows[-1]), flush=True)
     dense_best = max(r["tokens_per_s"] for r in rows if r["variant"].startswith(dense))

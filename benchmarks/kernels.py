@@ -116,12 +116,6 @@ def run_blocks(x, blocks, y, mode=None, config=None, use_asm=None, planes=None):
     return tk.launch_blocks(x, blocks, x.shape[1], y, mode=mode, config=config, use_asm=use_asm, planes=planes)
 
 
-def planes_read(blocks, batch: int) -> bool:
-    """Whether ``launch_blocks`` runs the binary tensor-core kernel here (blocks with prepared operands,
-    fp16 x of up to ``BMMA_MAX_BATCH_WITH_FRAGMENTS`` rows), which reads x as bit planes."""
-    return any(len(b) > 4 and b[4] is not None for b in blocks) and batch <= tk.BMMA_MAX_BATCH_WITH_FRAGMENTS
-
-
 def ref_blocks(x, blocks, out_f, input_scale=None, outliers=None):
     y = torch.full((x.shape[0], out_f), float("nan"), dtype=x.dtype, device=x.device)
     for codes, lut, bits, ridx in blocks:
@@ -373,7 +367,7 @@ def main():
             row = dict(shape=f"{out_f}x{in_f}", width=width, batch=batch, us=t_k * 1e3, fp16_us=t_f * 1e3,
                        bytes=nbytes, GBps=gbs, pct_copy=100 * gbs * 1e9 / bw, speedup=t_f / t_k, rel_err=err,
                        buffers=len(mats))
-            if device == "cuda" and planes_read(kept[0], batch):
+            if device == "cuda" and tk.tensor_core_mode(x, kept[0]) == "bmma":
                 # the same call with x's planes made beforehand, as the op before a linear makes them in the
                 # decode step (``xplanes.add_rms_norm_planes``): the binary tensor-core kernel's launch alone
                 planes = xplanes.x_planes(x)

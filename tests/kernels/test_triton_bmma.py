@@ -75,6 +75,12 @@ def test_binary_tensor_cores_serve_up_to_four_rows_of_x_below_four_bits_two_besi
     assert triton_lut.bmma_batch_limit(blocks((4, 100), (8, 50))) == 3  # wider blocks do not count
     # where the fragment kernel (triton_mma) serves the call it takes over from 3 rows
     assert triton_lut.bmma_batch_limit(blocks((3, 300), (4, 100)), fragments=True) == 2
+    # the choice launch_blocks makes without a mode (x on the CPU: no fragment kernel): only blocks that come
+    # with their prepared operands run on binary tensor cores
+    prepared = [b + ((None, None),) for b in blocks((3, 300), (4, 100))]
+    assert triton_lut.tensor_core_mode(torch.zeros(4, 64), prepared) == "bmma"
+    assert triton_lut.tensor_core_mode(torch.zeros(5, 64), prepared) is None
+    assert triton_lut.tensor_core_mode(torch.zeros(1, 64), blocks((3, 300), (4, 100))) is None
 
 
 CASES = [  # (rows, cols, bits, batch, input_scale, x scale)

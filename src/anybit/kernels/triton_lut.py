@@ -567,6 +567,26 @@ def _operands(x2, codes, lut, bits, use_asm, sel):
     return codes, lut, lut32, asm, sel
 
 
+def _with_prepared(blocks) -> list[tuple]:
+    """The non-empty blocks as ``(codes, lut, bits, row_index, prepared or None)``."""
+    return [tuple(b[:4]) + (b[4] if len(b) > 4 else None,) for b in blocks if b[1].shape[0]]
+
+
+def _tensor_core_mode(blocks, batch: int, fragments: bool) -> str | None:
+    """``launch_blocks``' choice without a ``mode``: "bmma", "mma", or None (FMA or dot by batch)."""
+    if any(b[4] is not None for b in blocks) and batch <= bmma_batch_limit(blocks, fragments):
+        return "bmma"
+    return "mma" if fragments and batch >= MMA_MIN_BATCH else None
+
+
+def tensor_core_mode(x2, blocks) -> str | None:
+    """The tensor-core kernel ``launch_blocks`` runs for x2 (M, in) and these blocks when given no
+    ``mode``: "bmma" (which reads x as bit planes: ``planes`` is used), "mma", or None."""
+    blocks = _with_prepared(blocks)
+    fragments = triton_mma.supports(x2, [b[1] for b in blocks if b[2] <= triton_mma.MAX_BITS])
+    return _tensor_core_mode(blocks, x2.shape[0], fragments)
+
+
 def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | None = None,
                   config: tuple[int, ...] | None = None, use_asm: bool | None = None, planes=None):
     """Write the rows of every width block ``(codes, lut, bits, row_index[, prepared])`` of one
@@ -586,7 +606,7 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     "bmma" path reads them instead of making its own, the other kernels read x2.
     Split-K launches share one workspace per device: do not run them concurrently on several streams."""
     M = x2.shape[0]
-    blocks = [tuple(b[:4]) + (b[4] if len(b) > 4 else None,) for b in blocks if b[1].shape[0]]
+    blocks = _with_prepared(blocks)
     if not blocks or M == 0:
         return y2
     if x2.stride(-1) != 1:
@@ -594,11 +614,7 @@ def launch_blocks(x2, blocks, in_features, y2, input_scale=None, *, mode: str | 
     fragment_blocks = [b for b in blocks if b[2] <= triton_mma.MAX_BITS]
     fragments = triton_mma.supports(x2, [b[1] for b in fragment_blocks])
     if mode is None:
-        prepared = any(b[4] is not None for b in blocks)
-        if prepared and M <= bmma_batch_limit(blocks, fragments):
-            mode = "bmma"
-        elif fragments and M >= MMA_MIN_BATCH:
-            mode = "mma"
+        mode = _tensor_core_mode(blocks, M, fragments)
     scale = input_scale.contiguous() if input_scale is not None else None
     if mode == "mma":
         if not fragments:
