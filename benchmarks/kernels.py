@@ -16,7 +16,10 @@ read + written). Before the timings: the kernels against the pure-torch referenc
 widths 1..8, fresh random inputs and NaN-poisoned outputs; each timed case is checked too. Where
 the call runs the binary tensor-core kernel (batches 1-2), the same call is also timed with x's
 bit planes made beforehand ("x planes given"), as a decode step's fused norm / SiLU-and-multiply
-makes them: the kernel's launch alone, not the x-plane launch before it.
+makes them: the kernel's launch alone, not the x-plane launch before it. On CUDA each (shape,
+width) is also timed as a plain read of its batch-1 bytes (``read_roofline``: one streaming-read
+launch, same rotation and timing), the floor of any call of that size in this harness: the 1 GiB
+copy bandwidth is not reachable by a launch of 10-50 MB (fixed launch, latency and drain costs).
 Writes ``kernels.md`` and ``kernels.json`` to $OUT (or --out); prints the table last.
 """
 
@@ -52,6 +55,7 @@ from random_llama import random_lut_block  # noqa: E402
 from anybit.kernels import triton_lut as tk  # noqa: E402
 from anybit.kernels import xplanes  # noqa: E402
 from anybit.kernels.reference import add_outliers_ref  # noqa: E402
+from read_roofline import read_roofline_us  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 4096)]
 WIDTHS = ["2", "3", "4", "3.25"]
@@ -355,6 +359,9 @@ def main():
               for _ in range(n_buffers(out_f * in_f * 2, device))]
         # what AnybitLinear keeps and runs by default; the stored order for the "-stored" sweep modes
         kept = kept_blocks(mats, device)
+        # x and y are a few KB: one read of the batch-1 bytes serves every batch's row
+        read_bytes = block_bytes(mats[0], in_f, out_f, 1, 2)
+        read_us = read_roofline_us(read_bytes, device, bench_calls, n_buffers)[0] if device == "cuda" else None
         for batch in batches:
             x = torch.randn(batch, in_f, generator=gen).to(device, torch.float16)
             y = torch.full((batch, out_f), float("nan"), dtype=torch.float16, device=device)
@@ -367,6 +374,9 @@ def main():
             row = dict(shape=f"{out_f}x{in_f}", width=width, batch=batch, us=t_k * 1e3, fp16_us=t_f * 1e3,
                        bytes=nbytes, GBps=gbs, pct_copy=100 * gbs * 1e9 / bw, speedup=t_f / t_k, rel_err=err,
                        buffers=len(mats))
+            if read_us is not None:
+                row.update(read_us=read_us, pct_copy_read=100 * read_bytes / (read_us * 1e-6) / bw,
+                           pct_of_read=100 * read_us / row["us"])
             if device == "cuda" and tk.tensor_core_mode(x, kept[0]) == "bmma":
                 # the same call with x's planes made beforehand, as the op before a linear makes them in the
                 # decode step (``xplanes.add_rms_norm_planes``): the binary tensor-core kernel's launch alone
@@ -379,10 +389,13 @@ def main():
                 t_p = bench_calls([lambda m=m: run_blocks(x, m, yy, planes=planes) for m in kept], device)
                 row.update(us_planes_given=t_p * 1e3, pct_copy_planes_given=100 * nbytes / (t_p * 1e-3) / bw,
                            speedup_planes_given=t_f / t_p)
+                if read_us is not None:
+                    row["pct_of_read_planes_given"] = 100 * read_us / row["us_planes_given"]
             rows_out.append(row)
             given = f"  (planes given {row['us_planes_given']:.2f} us)" if "us_planes_given" in row else ""
+            read = f"  read {row['read_us']:.2f} us" if "read_us" in row else ""
             log(f"{row['shape']:>11} w={width:>4} b={batch:>2}: {row['us']:8.2f} us  fp16 {row['fp16_us']:8.2f} us"
-                f"  {gbs:7.0f} GB/s  {row['pct_copy']:5.1f}%  x{row['speedup']:.2f}  err {err:.1e}{given}")
+                f"  {gbs:7.0f} GB/s  {row['pct_copy']:5.1f}%  x{row['speedup']:.2f}  err {err:.1e}{given}{read}")
             if sweep_now and (batch in (1, 2, 16) or args.configs):  # other batches: when asked for
                 plan = [(m, c, True) for m, c in sweep_configs
                         if m in ("fma", "bmma", "mma", "mma-stored") or batch > 1 or c[5] == 0]
@@ -416,14 +429,15 @@ def main():
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info.get('triton', '-')}; {info['date']}; "
              f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write).", "",
              "| shape (out x in) | bits | batch | kernel us | fp16 F.linear us | bytes | GB/s | % of copy bw "
-             "| speed-up | x planes given: us / % of copy bw / speed-up |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| speed-up | x planes given: us / % of copy bw / speed-up | read of the bytes: us / % of copy bw |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows_out:
         given = (f"{r['us_planes_given']:.2f} / {r['pct_copy_planes_given']:.1f} / {r['speedup_planes_given']:.2f}"
                  if "us_planes_given" in r else "-")
+        read = f"{r['read_us']:.2f} / {r['pct_copy_read']:.1f}" if "read_us" in r else "-"
         lines.append(f"| {r['shape']} | {r['width']} | {r['batch']} | {r['us']:.2f} | {r['fp16_us']:.2f} | "
                      f"{r['bytes'] / 1e6:.2f} MB | {r['GBps']:.0f} | {r['pct_copy']:.1f} | {r['speedup']:.2f} | "
-                     f"{given} |")
+                     f"{given} | {read} |")
     table = "\n".join(lines)
     # targets of issue #5
     verdict = []
@@ -433,6 +447,11 @@ def main():
             ok = r["pct_copy"] >= 70 and r["speedup"] >= 3
             given = (f" (x planes given: {r['pct_copy_planes_given']:.1f}%, x{r['speedup_planes_given']:.2f})"
                      if "us_planes_given" in r else "")
+            if "read_us" in r:  # how far the size alone keeps any launch from the target
+                given += (f"; a plain read of these bytes: {r['pct_copy_read']:.1f}% of copy bw, the call at "
+                          f"{r['pct_of_read']:.0f}% of its speed"
+                          + (f" ({r['pct_of_read_planes_given']:.0f}% with x planes given)"
+                             if "pct_of_read_planes_given" in r else ""))
             verdict.append(f"{r['shape']} w={r['width']} b=1: {r['pct_copy']:.1f}% of copy bw, x{r['speedup']:.2f} "
                            f"-> {'met' if ok else 'MISSED'}{given}")
         if r["batch"] > 1 and r["speedup"] < 1:

@@ -175,11 +175,11 @@ if gluon is not None:
         return gl.SharedLinearLayout(bases + [[1 << b, 0, 0, 0] for b in range(planes.bit_length() - 1)])
 
     @gluon.jit
-    def _pair_sum(v, LG: gl.constexpr):
-        """(KS, T, rows, 4) in layout LG: v (KS, T, rows, 8) summed over the column pairs 2t, 2t + 1 that
-        one thread holds (no shuffles)."""
+    def _pair_sum(v, odd, LG: gl.constexpr):
+        """(KS, T, rows, 4) in layout LG: ``a + odd * b`` over the column pairs (a, b) = (2t, 2t + 1) of
+        v (KS, T, rows, 8) that one thread holds (no shuffles); odd: (1, 1, 1, 4) in LG's layout."""
         a, b = gl.split(gl.reshape(v, [v.shape[0], v.shape[1], v.shape[2], 4, 2]))
-        return gl.convert_layout(a + b, LG)
+        return gl.convert_layout(a, LG) + gl.convert_layout(b, LG) * odd
 
     @gluon.jit
     def _masks(w0, w1, w2, w3, tt, BITS: gl.constexpr):
@@ -299,23 +299,24 @@ if gluon is not None:
             if stage == STAGES:
                 stage = 0
         async_copy.wait_group(0)
-        # accumulator column c of group j counts plane 8j + c (weight 2**(8j + c), the sign plane
-        # -2**23). The thread that holds an element weights it and sums its two columns in int32
-        # (exact), combines the three groups in fp64 (exact below 2**53) and multiplies by the row's
-        # coefficient; only then the sums cross threads (over T in registers, the plane columns over
-        # 4 lanes, then the warps along K): the shuffles carry one value per row, not one per mask,
-        # group and row (8 shuffles instead of 96, KERNEL_NOTES "Ninth session").
-        c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
-        wc = (1 << c)[None, None, None, :]
-        wsign = gl.where(c == 7, -128, 1 << c)[None, None, None, :]
-        # (KS, T, rows, 4 lanes): the two plane columns a thread holds summed
+        # accumulator column c = 2t + j of group g counts plane 8g + c, weight 2**(8g + c) (the sign plane
+        # -2**23). Lane t holds columns 2t, 2t + 1 of every mask and group, so its common factor 4**t waits
+        # until its sum over the masks: per element it weights the pair as a + 2b (the sign plane's pair,
+        # t = 3 of group 2: a - 2b) and joins groups 0 and 1 as g0 + 256 g1 in int32 (exact: each count is
+        # at most K, so below 2**31 for K < 2.7M), then group 2 in fp64 (exact below 2**53), multiplies by
+        # the row's coefficient and sums the masks; only then the sums cross threads (the plane columns
+        # over 4 lanes, then the warps along K): one value per row crosses (KERNEL_NOTES "Ninth session";
+        # the factored weights halve the epilogue's instructions, "Thirteenth session").
         LG: gl.constexpr = gl.SliceLayout(4, gl.BlockedLayout([1, 1, 2, 1, 2], [1, 1, 8, 4, 1], [KS, WT, 1, 1, 1],
-                                                              [4, 3, 2, 1, 0]))
-        g0 = _pair_sum(gl.convert_layout(acc0, L4) * wc, LG).to(gl.float64)
-        g1 = _pair_sum(gl.convert_layout(acc1, L4) * wc, LG).to(gl.float64)
-        g2 = _pair_sum(gl.convert_layout(acc2, L4) * wsign, LG).to(gl.float64)
+                                                              [4, 3, 2, 1, 0]))  # (KS, T, rows, 4 lanes)
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LG))))[None, None, None, :]
+        g01 = _pair_sum(gl.convert_layout(acc0, L4), 2, LG) + (_pair_sum(gl.convert_layout(acc1, L4), 2, LG) << 8)
+        g2 = _pair_sum(gl.convert_layout(acc2, L4), gl.where(t == 3, -2, 2), LG)
         coef = csm.load(gl.SliceLayout(0, gl.SliceLayout(3, LG))).to(gl.float64)[None, :, :, None]  # (1, T, rows, 1)
-        y = gl.sum(gl.sum(gl.sum((g0 + g1 * 256.0 + g2 * 65536.0) * coef, axis=1), axis=2), axis=0)  # (rows,)
+        lane = gl.sum((g01.to(gl.float64) + g2.to(gl.float64) * 65536.0) * coef, axis=1)  # (KS, rows, 4 lanes)
+        LL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(1, LG)))
+        lane_weight = (1 << (2 * gl.arange(0, 4, layout=LL))).to(gl.float64)[None, None, :]  # 4**t
+        y = gl.sum(gl.sum(lane * lane_weight, axis=2), axis=0)  # (rows,)
         y = gl.convert_layout(y, gl.SliceLayout(0, LC)) * xscale.to(gl.float64)
         if HAS_RIDX:
             dst = gl.load(ridx_ptr + rt, mask=rtm, other=0)

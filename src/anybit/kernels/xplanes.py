@@ -181,6 +181,17 @@ def row_blocks(K: int, mode: int) -> tuple[int, int, int, bool]:
     return (*(pieces + [0, 0])[:3], False)
 
 
+def program_warps(K: int, mode: int) -> int:
+    """Warps of a ``_planes_kernel`` program for rows of K columns: 16 where a row's evaluation is long
+    (SiLU at every K; plain planes above 8192 columns), else 8. H100 (``benchmarks/planes_launch.py``),
+    us a call at 8 -> 16 warps: SiLU 2.99 -> 2.67 (K = 4096), 3.82 -> 2.95 (5120), 4.22 -> 4.21 (11008),
+    5.02 -> 4.64 (14336); plain planes 2.83 -> 2.65 (11008), 2.94 -> 2.66 (14336) but 2.33 -> 2.40
+    (4096); the norm 0.12-0.20 us slower with 16 at every K; 4 warps never more than 0.01 us faster than 8."""
+    if mode == MODE_SILU_MUL or (mode == MODE_X and K > 8192):
+        return 16
+    return 8
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as (M, K) with unit column stride (a view where it can be)."""
     t2 = t.reshape(-1, t.shape[-1])
@@ -198,15 +209,13 @@ def _launch(mode: int, a2, b2=None, weight=None, eps: float = 0.0, sum_out=None,
         return xpl, xs
     cb = CHUNKS_PER_PROGRAM
     block_k, p1, p2, loop = row_blocks(K, mode)
-    # 8 warps for the row's reductions: at K = 11008 / 14336 2.47 / 2.57 us against 2.64 / 2.83 with 4 warps
-    # (H100, KERNEL_NOTES "Eleventh session")
     _planes_kernel[(M, ncp // cb)](
         a2, b2 if b2 is not None else a2, weight if weight is not None else a2,
         sum_out if sum_out is not None else a2, y_out if y_out is not None else a2, xpl, xs, K, ncp, float(eps),
         a2.stride(0), b2.stride(0) if b2 is not None and b2.dim() == 2 else 0,
         sum_out.stride(0) if sum_out is not None else 0, y_out.stride(0) if y_out is not None else 0, xpl.stride(0),
         MODE=mode, HAS_B=b2 is not None, BLOCK_K=block_k, P1=p1, P2=p2, LOOP=loop, CB=cb,
-        num_warps=8)
+        num_warps=program_warps(K, mode))
     return xpl, xs
 
 
