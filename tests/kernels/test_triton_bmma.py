@@ -52,8 +52,11 @@ def test_warps_split_k_only_for_small_grids():
     assert tb.warps_for([(3, 4096)], 43, 4) == 1  # batch 4: enough programs already
     assert tb.warps_for([(3, 3072), (4, 1024)], 16, 1) == 4  # 3-bit: K over 4 warps, 4-bit: 2
     assert tb.warps_for([(3, 8256), (4, 2752)], 16, 1) == 2
-    for ktiles in (1, 4, 16, 56):
+    for ktiles in (1, 4, 16, 56, 157):
         assert 1 <= tb.warps_for([(2, 100)], ktiles, 1) <= tb.MAX_KSPLIT
+        # a long row on few rows: the 3-bit block's K split (all the warps) stays within MAX_KSPLIT
+        assert tb.warps_for([(4, 24), (3, 24)], ktiles, 1) <= tb.MAX_KSPLIT
+    assert tb.warps_for([(4, 24), (3, 24)], 157, 1) == 8  # 4-bit: K over 4 warps, 3-bit: over 8
 
 
 def test_launches_that_fit_three_warps_a_scheduler_get_more_registers():
@@ -143,6 +146,32 @@ def test_bmma_cuda_matches_reference(widths, batch, extra):
     got = y.cpu()
     assert torch.isnan(got[~written]).all(), "rows outside row_index were written"
     assert rel_err(got[written], ref[written]) < (TOL if xdt == torch.float16 else 1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_bmma_cuda_sums_exactly_when_every_plane_counts_the_whole_row(batch):
+    """x = -2**-22 beside one 1.0: every other column's fixed point is -1, all 24 planes set, so each
+    mask's counts reach ~K in every plane group (the epilogue's int32 join of groups 0 and 1 and its
+    sign-plane weight at their largest). The kernel equals ``emulate`` (exact sums, fp32) to within
+    fp16's rounding, over a long row (K = 40000) and a 3 + 4-bit matrix."""
+    from anybit.kernels import triton_lut
+
+    gen = torch.Generator().manual_seed(batch)
+    rows, cols = 48, 40000
+    x = torch.full((batch, cols), -(2.0 ** -22)).half()
+    x[:, 7] = 1.0
+    blocks, want = [], torch.empty(batch, rows)
+    planes = xplanes.x_planes(x.cuda())
+    assert (xplanes.plane_words(planes[0])[:, :, 1:cols // 32] == -1).all()  # every plane of -1 is set
+    for bits, members in ((3, torch.arange(0, rows, 2)), (4, torch.arange(1, rows, 2))):
+        _, packed, lut = block(members.numel(), cols, bits, gen)
+        want[:, members] = tb.emulate(planes[0].cpu(), planes[1].cpu(), packed, tb.subset_coefficients(lut, bits),
+                                      bits, cols)
+        blocks.append((packed.cuda(), lut.cuda(), bits, members.cuda()))
+    y = torch.full((batch, rows), float("nan"), dtype=torch.float16, device="cuda")
+    triton_lut.launch_blocks(x.cuda(), blocks, cols, y, mode="bmma")
+    assert ((y.cpu().float() - want).abs() <= want.abs() * 2.0**-10).all()  # one fp16 rounding of want
 
 
 if __name__ == "__main__":

@@ -355,8 +355,10 @@ def warps_for(widths_rows, ktiles: int, batch: int) -> int:
     the parallelism (H100 sweeps, benchmarks/KERNEL_NOTES.md)."""
     masks = [2 if bits == 4 else 1 for bits, _ in widths_rows]
     warps = batch * sum(wt * -(-rows // 16) for wt, (_, rows) in zip(masks, widths_rows))
+    # every block splits the program's warps along K: a 3-bit partner of a 4-bit block takes twice its K split
+    most = MAX_KSPLIT * min(masks) // max(masks)
     ks = 1
-    while ks < MAX_KSPLIT and warps * ks * 2 <= 1100 and ktiles >= 16 * ks:
+    while ks < most and warps * ks * 2 <= 1100 and ktiles >= 16 * ks:
         ks *= 2
     return max(masks) * ks
 
