@@ -17,8 +17,7 @@ import sys
 
 import torch
 
-import kernels  # noqa: F401  (puts src on the path, the anybit package without transformers)
-from kernels import bench_calls
+from kernels import bench_calls  # (kernels also puts src on the path: the anybit package without transformers)
 
 from anybit.kernels import xplanes
 

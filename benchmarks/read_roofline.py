@@ -1,11 +1,10 @@
 """What one launch that only reads a given number of bytes achieves: the floor of a memory-bound call
 of that size, beside the 1 GiB copy bandwidth that issue #5's targets are stated against.
 
-A call reading tens of MB pays fixed costs a 1 GiB copy does not see: the launch (~1.3 us for an
-empty kernel in a CUDA graph on the H100), the first requests' DRAM latency, and the last programs'
-drain. ``streaming_read`` reads every 32-bit word of a buffer once (coalesced, 16 bytes a thread
-and load) and writes one word per program, so its time in ``kernels.py``'s harness is what any
-kernel moving that many bytes at best costs there.
+A call reading tens of MB pays fixed costs a 1 GiB copy does not see: the launch, the first
+requests' DRAM latency, and the last programs' drain. ``streaming_read`` reads every 32-bit word of
+a buffer once (coalesced, 16 bytes a thread and load) and writes one word per program, so its time
+in ``kernels.py``'s harness is what any kernel moving that many bytes at best costs there.
 """
 
 from __future__ import annotations

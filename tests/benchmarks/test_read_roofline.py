@@ -39,18 +39,17 @@ def case_results(device="cpu"):
     results = {}
     for n in SIZES:
         words = torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, generator=gen).to(device)
-        for cfg in CONFIGS:
-            got = streaming_read(words, cfg).cpu()
-            results[f"{n} {cfg}"] = [xor_all(got), xor_all(words.cpu()), got.numel()]
+        for block, rows, warps in CONFIGS:
+            got = streaming_read(words, (block, rows, warps)).cpu()
+            results[f"{n} {(block, rows, warps)}"] = {"programs": got.numel(), "want_programs": -(-n // (block * rows)),
+                                                      "xor": xor_all(got), "want_xor": xor_all(words.cpu())}
     return results
 
 
 def check(results):
-    for key, (got, want, programs) in results.items():
-        n = int(key.split()[0])
-        block, rows, _ = CONFIGS[[str(c) for c in CONFIGS].index(key.split(" ", 1)[1])]
-        assert programs == -(-n // (block * rows)), key
-        assert got == want, key
+    for key, r in results.items():
+        assert r["programs"] == r["want_programs"], key
+        assert r["xor"] == r["want_xor"], key
 
 
 @pytest.fixture(scope="module")
