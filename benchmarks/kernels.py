@@ -5,7 +5,7 @@
     python3 benchmarks/kernels.py --smoke         # tiny, CPU + TRITON_INTERPRET=1: exercises this file
 
 Per LLaMA-2-7B / LLaMA-3-8B linear shape (out x in), width (2, 3, 4 bits, and 3.25 = 75% 3-bit
-+ 25% 4-bit rows as two row blocks) and batch (1, 2, 4, 8, 16): the time per call of what
++ 25% 4-bit rows as two row blocks; 2.25 = 75% 2-bit + 25% 3-bit with --widths) and batch (1, 2, 4, 8, 16): the time per call of what
 ``launch_blocks`` runs on the blocks as ``AnybitLinear`` keeps them (``kept_blocks``: tiled codes
 for blocks of up to 4 bits where the tensor-core kernels run) (N
 calls over N weight buffers, 3x the L2 in all, captured in one CUDA graph; the replay timed with
@@ -59,6 +59,7 @@ from read_roofline import read_roofline_us  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 4096)]
 WIDTHS = ["2", "3", "4", "3.25"]
+MIXED = {"3.25": (3, 4), "2.25": (2, 3)}  # 75% of the rows at the first width, 25% at the second
 BATCHES = [1, 2, 4, 8, 16]
 TARGET_SHAPES = {(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 4096)}
 
@@ -80,14 +81,15 @@ def log(*a):
 
 def make_matrix(out_f, in_f, width, device, lut_dtype, gen):
     """Row blocks [(codes, lut, bits, row_index or None)] of a matrix of the given width."""
-    if width != "3.25":
+    if width not in MIXED:
         packed, lut = random_lut_block(out_f, in_f, int(width), device, lut_dtype, gen)
         return [(packed, lut, int(width), None)]
-    bits = torch.full((out_f,), 3, dtype=torch.long)
-    bits[torch.randperm(out_f, generator=gen)[: out_f // 4]] = 4
+    narrow, wide = MIXED[width]
+    bits = torch.full((out_f,), narrow, dtype=torch.long)
+    bits[torch.randperm(out_f, generator=gen)[: out_f // 4]] = wide
     order = torch.sort(bits, stable=True).indices
     blocks = []
-    for b in (3, 4):
+    for b in (narrow, wide):
         idx = order[bits[order] == b]
         packed, lut = random_lut_block(idx.numel(), in_f, b, device, lut_dtype, gen)
         blocks.append((packed, lut, b, idx.to(device)))
@@ -402,7 +404,7 @@ def main():
                 if batch > 1:
                     plan = [p for p in plan if p[0] == "dot" or batch == 2
                             or p[0] in ("bmma", "mma", "mma-stored") and args.configs]
-                if width != "3.25" and batch == 1 and not args.configs:
+                if width not in MIXED and batch == 1 and not args.configs:
                     plan.append(("fma", SWEEP[0][1], False))
                 for mode, cfg, asm in plan:
                     try:

@@ -59,6 +59,15 @@ def test_warps_split_k_only_for_small_grids():
     assert tb.warps_for([(4, 24), (3, 24)], 157, 1) == 8  # 4-bit: K over 4 warps, 3-bit: over 8
 
 
+def test_two_block_launches_keep_more_copies_in_flight_on_long_rows_with_a_four_bit_block():
+    assert tb.stages_for([3], 16, 1792) == tb.stages_for([4], 56, 512) == 4
+    assert tb.stages_for([4, 3], 16, 1376) == 3  # 11008x4096 at 3.25 bits: 688 programs of 2 warps
+    assert tb.stages_for([4, 3], 16, 512) == 4  # 4096x4096
+    assert tb.stages_for([4, 3], 43, 1024) == tb.stages_for([4, 3], 43, 2048) == 5  # down projections
+    assert tb.stages_for([3, 2], 16, 688) == tb.stages_for([3, 2], 56, 1024) == 4
+    assert tb.stages_for([3, 2], 16, 1792) == 3  # 28672x4096 at 2.25 bits
+
+
 def test_launches_that_fit_three_warps_a_scheduler_get_more_registers():
     sms = tb._multiprocessors(None)
     assert tb.registers_for(1, None) == tb.ROOMY_REGISTERS
@@ -172,6 +181,31 @@ def test_bmma_cuda_sums_exactly_when_every_plane_counts_the_whole_row(batch):
     y = torch.full((batch, rows), float("nan"), dtype=torch.float16, device="cuda")
     triton_lut.launch_blocks(x.cuda(), blocks, cols, y, mode="bmma")
     assert ((y.cpu().float() - want).abs() <= want.abs() * 2.0**-10).all()  # one fp16 rounding of want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("widths", [(3, 4), (2, 3)])
+def test_bmma_cuda_output_does_not_depend_on_copy_stages(widths):
+    """The stages only set how far ahead the copies run; the sums, and so every output bit, stay the
+    same (a stage written over before it is read would show here), on rows long enough for 5 stages."""
+    from anybit.kernels import triton_lut
+
+    gen = torch.Generator().manual_seed(sum(widths))
+    rows, cols = 160, 11008
+    x = torch.randn(2, cols, generator=gen).half().cuda()
+    members = (torch.arange(0, rows, 4), torch.arange(1, rows, 4))
+    blocks = []
+    for bits, rows_of in zip(widths, members):
+        _, packed, lut = block(rows_of.numel(), cols, bits, gen)
+        blocks.append((packed.cuda(), lut.cuda(), bits, rows_of.cuda()))
+    outs = []
+    for stages in (2, 3, 4, 5, 8):
+        y = torch.full((2, rows), float("nan"), dtype=torch.float16, device="cuda")
+        triton_lut.launch_blocks(x, blocks, cols, y, mode="bmma", config=(0, stages))
+        outs.append(y.cpu())
+    written = torch.cat(members)
+    assert torch.isfinite(outs[0][:, written]).all()
+    assert all(torch.equal(o[:, written], outs[0][:, written]) for o in outs[1:])
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ MAX_BITS = 4  # widths served here
 MAX_REGISTERS = 128
 ROOMY_REGISTERS = 168
 ROOMY_WARPS_PER_SM = 12  # 3 a scheduler at <= 168 registers
+# ~Half of one wave at 16 warps a multiprocessor (H100, 128 registers): launches up to this size gain from
+# a K split across warps and from deeper copy stages, larger ones lose (``warps_for``, ``stages_for``)
+SMALL_LAUNCH_WARPS = 1100
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,9 +361,23 @@ def warps_for(widths_rows, ktiles: int, batch: int) -> int:
     # every block splits the program's warps along K: a 3-bit partner of a 4-bit block takes twice its K split
     most = MAX_KSPLIT * min(masks) // max(masks)
     ks = 1
-    while ks < most and warps * ks * 2 <= 1100 and ktiles >= 16 * ks:
+    while ks < most and warps * ks * 2 <= SMALL_LAUNCH_WARPS and ktiles >= 16 * ks:
         ks *= 2
     return max(masks) * ks
+
+
+def stages_for(widths, ktiles: int, warps: int) -> int:
+    """Copy stages (STAGES - 1 mma tiles in flight) of a launch of width blocks ``widths`` over
+    ``ktiles`` mma tiles a row, ``warps`` warps in all. One block: 4. Two: 5 on rows of >= 32 mma
+    tiles with a 4-bit block (3.25-bit down projections: 2-3% faster than 4 and 3-4% than 3 at
+    batch 1, 7-8% than 3 at batch 2); else 4 while the launch fits SMALL_LAUNCH_WARPS (2.25 bits and
+    4096x4096: up to 4% faster than 3), 3 above (the tall 3.25-bit and 2.25-bit launches: 3 is 1-4%
+    faster than 4). H100 sweeps: KERNEL_NOTES "Fourteenth session"."""
+    if len(widths) == 1:
+        return 4
+    if max(widths) == 4 and ktiles >= 32:
+        return 5
+    return 4 if warps <= SMALL_LAUNCH_WARPS else 3
 
 
 def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config=None):
@@ -368,8 +385,7 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
     matrix into y2 (M, out) from x2 (M, in); return y2. ``prepared``: ``prepare_block(codes, lut,
     bits)``, worked out here when absent or None (with it the codes may be None). ``planes``: ``x_planes(x2, input_scale)`` when
     already made for this x. Blocks go two to a launch. ``config``: (warps per program, STAGES[,
-    maxnreg]), a 0 for the rule's choice: ``warps_for``, 3 stages for two blocks and 4 for one
-    (STAGES - 1 mma tiles in flight), ``registers_for``."""
+    maxnreg]), a 0 for the rule's choice: ``warps_for``, ``stages_for``, ``registers_for``."""
     M = x2.shape[0]
     # widest first: a program of a 4-bit tile has twice the masks of a 3-bit one, and programs start
     # in order, so the long ones start first (3.25 bits on the H100: 1-8% faster, KERNEL_NOTES v10)
@@ -382,11 +398,10 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
     for i in range(0, len(blocks), 2):
         pair = blocks[i:i + 2]
         args, consts = [], {}
-        # 3 stages for two blocks, 4 for one (H100 sweeps: 3.25 bits 5-14% faster with 3, one block the same or
-        # slower; KERNEL_NOTES v10)
         nw, stages, maxnreg = (tuple(config or ()) + (0, 0, 0))[:3]
         nw = nw or warps_for([(b[2], b[1].shape[0]) for b in pair], ktiles, M)
-        stages = stages or (3 if len(pair) == 2 else 4)
+        tiles = sum(triton.cdiv(b[1].shape[0], 16) for b in pair)
+        stages = stages or stages_for([b[2] for b in pair], ktiles, M * tiles * nw)
         for name, block in zip("AB", pair):
             codes, lut, bits, row_index = block[:4]
             prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
@@ -401,7 +416,6 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
         if len(pair) == 1:
             args += [xs, xs, xs, 0]
             consts.update(BITS_B=0, KS_B=1, RIDX_B=False)
-        tiles = sum(triton.cdiv(b[1].shape[0], 16) for b in pair)
         maxnreg = maxnreg or registers_for(M * tiles * nw, x2.device)
         _bmma_kernel[(M, tiles)](xpl, xs, y2, ktiles, ktp, xpl.stride(0), y2.stride(0), *args, **consts,
                                  STAGES=stages, num_warps=nw, maxnreg=maxnreg)
