@@ -54,14 +54,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
-from random_llama import random_llama, random_lut_block  # noqa: E402
+from random_llama import MIXES, random_llama, random_lut_block, random_row_widths  # noqa: E402
 
 from anybit.formats.packed import LinearSpec, codes_name, lut_name  # noqa: E402
 from anybit.kernels import tiled_codes_supported  # noqa: E402
 from anybit.models import decoder_blocks  # noqa: E402
 from anybit.nn import AnybitLinear  # noqa: E402
 
-MIXES = {"4": {4: 1.0}, "3.25": {3: 0.75, 4: 0.25}, "2.25": {2: 0.75, 3: 0.25}, "3": {3: 1.0}, "2": {2: 1.0}}
 
 
 def rms_norm(h, weight, eps: float):
@@ -260,13 +259,7 @@ def tokens_per_s(run_step, decoder: StaticDecoder, steps: int, repeats: int, cud
 def random_anybit_linear(out_f: int, in_f: int, mix: dict[int, float], device, gen: torch.Generator) -> AnybitLinear:
     """An AnybitLinear (out_f x in_f): rows of the widths in ``mix``, random codes and sorted
     random fp16 codebooks."""
-    widths = torch.full((out_f,), min(mix), dtype=torch.uint8)
-    rest = torch.randperm(out_f, generator=gen)
-    start = 0
-    for bits, share in sorted(mix.items())[1:]:
-        n = round(share * out_f)
-        widths[rest[start:start + n]] = bits
-        start += n
+    widths = random_row_widths(out_f, mix, gen)
     blocks = {b: (int((widths == b).sum()), in_f) for b in mix if int((widths == b).sum())}
     module = AnybitLinear(LinearSpec("lut", out_f, in_f, blocks), device=device)
     for bits, (rows, _) in blocks.items():

@@ -51,7 +51,7 @@ if "anybit" not in sys.modules:  # import the kernels without the package's __in
     sys.modules["anybit"] = _pkg
 
 from anybit.kernels import lut_linear_ref, tiled_codes_supported  # noqa: E402
-from random_llama import random_lut_block  # noqa: E402
+from random_llama import MIXES, random_lut_block, random_row_widths  # noqa: E402
 from anybit.kernels import triton_lut as tk  # noqa: E402
 from anybit.kernels import xplanes  # noqa: E402
 from anybit.kernels.reference import add_outliers_ref  # noqa: E402
@@ -59,7 +59,6 @@ from read_roofline import read_roofline_us  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 4096)]
 WIDTHS = ["2", "3", "4", "3.25"]
-MIXED = {"3.25": (3, 4), "2.25": (2, 3)}  # 75% of the rows at the first width, 25% at the second
 BATCHES = [1, 2, 4, 8, 16]
 TARGET_SHAPES = {(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (28672, 4096)}
 
@@ -79,17 +78,21 @@ def log(*a):
 # ----------------------------------------------------------------------------- data
 
 
+def mix_of(width: str) -> dict[int, float]:
+    """Row shares per width of a table width ("3.25": ``random_llama.MIXES``; "5": all rows 5-bit)."""
+    return MIXES[width] if width in MIXES else {int(width): 1.0}
+
+
 def make_matrix(out_f, in_f, width, device, lut_dtype, gen):
     """Row blocks [(codes, lut, bits, row_index or None)] of a matrix of the given width."""
-    if width not in MIXED:
+    mix = mix_of(width)
+    if len(mix) == 1:
         packed, lut = random_lut_block(out_f, in_f, int(width), device, lut_dtype, gen)
         return [(packed, lut, int(width), None)]
-    narrow, wide = MIXED[width]
-    bits = torch.full((out_f,), narrow, dtype=torch.long)
-    bits[torch.randperm(out_f, generator=gen)[: out_f // 4]] = wide
+    bits = random_row_widths(out_f, mix, gen).long()
     order = torch.sort(bits, stable=True).indices
     blocks = []
-    for b in (narrow, wide):
+    for b in sorted(mix):
         idx = order[bits[order] == b]
         packed, lut = random_lut_block(idx.numel(), in_f, b, device, lut_dtype, gen)
         blocks.append((packed, lut, b, idx.to(device)))
@@ -404,7 +407,7 @@ def main():
                 if batch > 1:
                     plan = [p for p in plan if p[0] == "dot" or batch == 2
                             or p[0] in ("bmma", "mma", "mma-stored") and args.configs]
-                if width not in MIXED and batch == 1 and not args.configs:
+                if len(mix_of(width)) == 1 and batch == 1 and not args.configs:
                     plan.append(("fma", SWEEP[0][1], False))
                 for mode, cfg, asm in plan:
                     try:

@@ -60,6 +60,23 @@ def random_llama(shape: str = "llama2-7b", layers: int | None = None, dtype=torc
     return model.eval()
 
 
+# The width budgets of the speed benchmarks as row shares per width: 3.25 bits = 75% 3-bit + 25% 4-bit rows
+MIXES = {"4": {4: 1.0}, "3.25": {3: 0.75, 4: 0.25}, "2.25": {2: 0.75, 3: 0.25}, "3": {3: 1.0}, "2": {2: 1.0}}
+
+
+def random_row_widths(rows: int, mix: dict[int, float], gen: torch.Generator) -> torch.Tensor:
+    """uint8 (rows,): each row's width, the wider widths of ``mix`` on random rows by their shares
+    (the narrowest takes the rest)."""
+    widths = torch.full((rows,), min(mix), dtype=torch.uint8)
+    rest = torch.randperm(rows, generator=gen)
+    start = 0
+    for bits, share in sorted(mix.items())[1:]:
+        n = round(share * rows)
+        widths[rest[start:start + n]] = bits
+        start += n
+    return widths
+
+
 def random_lut_block(rows: int, cols: int, bits: int, device, lut_dtype=torch.float16, gen=None):
     """Random bit-plane packed codes (rows x cols at ``bits``) and sorted random per-row codebooks
     (fp16 values; ``lut_dtype`` fp32 gives an upcast copy). For whole chunks of 32 columns
