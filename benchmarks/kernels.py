@@ -303,10 +303,10 @@ def main():
     ap.add_argument("--batches", default="", help="e.g. 1,16")
     ap.add_argument("--profile", action="store_true", help="only run the default kernels of --shapes x --widths x --batches twice each (for ncu)")
     ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sweeps/cases are skipped")
-    ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: warps,STAGES; mma: KS,RT as "
-                    "their modules' launch, empty for the rule, on the tiled codes; mma-stored: the same on the "
-                    "stored order; with --configs every batch is swept), e.g. "
-                    "'fma:4,32,4,2,1,0,1;fma:4,32,4,2,2,0,1' (fields as triton_lut.config_for)")
+    ap.add_argument("--configs", default="", help="the sweep's configs instead of SWEEP (bmma: warps,STAGES"
+                    "[,maxnreg[,tiles a program]], 0 for the rule; mma: KS,RT as their modules' launch, empty for "
+                    "the rule, on the tiled codes; mma-stored: the same on the stored order; with --configs every "
+                    "batch is swept), e.g. 'fma:4,32,4,2,1,0,1;fma:4,32,4,2,2,0,1' (fields as triton_lut.config_for)")
     args = ap.parse_args()
     sweep_configs = SWEEP
     if args.configs:

@@ -68,6 +68,17 @@ def test_two_block_launches_keep_more_copies_in_flight_on_long_rows_with_a_four_
     assert tb.stages_for([3, 2], 16, 1792) == 3  # 28672x4096 at 2.25 bits
 
 
+def test_only_batch_one_launches_of_one_narrow_block_too_large_for_roomy_registers_take_two_tiles_a_program():
+    roomy = tb.ROOMY_WARPS_PER_SM * tb._multiprocessors(None)
+    assert tb.tiles_per_program([3], 1, roomy + 1) == tb.tiles_per_program([2], 1, 2 * roomy) == 2
+    assert tb.tiles_per_program([3], 1, roomy) == 1  # fits ROOMY_REGISTERS as it is
+    assert tb.tiles_per_program([3], 1, 2 * roomy + 1) == 1  # its half does not either
+    assert tb.tiles_per_program([3], 2, roomy + 1) == 1
+    assert tb.tiles_per_program([4], 1, roomy + 1) == tb.tiles_per_program([4, 3], 1, roomy + 1) == 1
+    if roomy == 1584:  # 132 multiprocessors (an H100, or no GPU): 28672x4096 at 3 bits, 1792 programs of a warp
+        assert tb.tiles_per_program([3], 1, 1792 * tb.warps_for([(3, 28672)], 16, 1)) == 2
+
+
 def test_launches_that_fit_three_warps_a_scheduler_get_more_registers():
     sms = tb._multiprocessors(None)
     assert tb.registers_for(1, None) == tb.ROOMY_REGISTERS
@@ -184,24 +195,26 @@ def test_bmma_cuda_sums_exactly_when_every_plane_counts_the_whole_row(batch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("widths", [(3, 4), (2, 3)])
-def test_bmma_cuda_output_does_not_depend_on_copy_stages(widths):
-    """The stages only set how far ahead the copies run; the sums, and so every output bit, stay the
-    same (a stage written over before it is read would show here), on rows long enough for 5 stages."""
+@pytest.mark.parametrize("widths", [(3, 4), (2, 3), (3,)])
+def test_bmma_cuda_output_does_not_depend_on_copy_stages_or_tiles_a_program(widths):
+    """The stages only set how far ahead the copies run and a program's tiles share one ring of
+    them; the sums, and so every output bit, stay the same (a stage written over before it is read,
+    or a tile's copies landing in another's, would show here), on rows long enough for 5 stages and
+    with a last program short of tiles (3 or 10 tiles a block)."""
     from anybit.kernels import triton_lut
 
     gen = torch.Generator().manual_seed(sum(widths))
     rows, cols = 160, 11008
     x = torch.randn(2, cols, generator=gen).half().cuda()
-    members = (torch.arange(0, rows, 4), torch.arange(1, rows, 4))
+    members = (torch.arange(0, rows, 4), torch.arange(1, rows, 4)) if len(widths) == 2 else (torch.arange(rows),)
     blocks = []
     for bits, rows_of in zip(widths, members):
         _, packed, lut = block(rows_of.numel(), cols, bits, gen)
         blocks.append((packed.cuda(), lut.cuda(), bits, rows_of.cuda()))
     outs = []
-    for stages in (2, 3, 4, 5, 8):
+    for stages, tiles in ((2, 1), (3, 1), (4, 1), (5, 1), (8, 1), (2, 2), (4, 2), (5, 3), (3, 4)):
         y = torch.full((2, rows), float("nan"), dtype=torch.float16, device="cuda")
-        triton_lut.launch_blocks(x, blocks, cols, y, mode="bmma", config=(0, stages))
+        triton_lut.launch_blocks(x, blocks, cols, y, mode="bmma", config=(0, stages, 0, tiles))
         outs.append(y.cpu())
     written = torch.cat(members)
     assert torch.isfinite(outs[0][:, written]).all()

@@ -223,12 +223,31 @@ if gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
-    def _bmma_rows(m, tile, xpl_ptr, xs_ptr, codes_ptr, coef_ptr, ridx_ptr, y_ptr, R, KT, KTP, stride_pm,
-                   stride_ym, BITS: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr, HAS_RIDX: gl.constexpr):
-        """Rows [tile * 16, +16) of one width block against row m of x: codes tiled by
-        ``tile_codes``, x planes padded with zeros to KTP mma tiles (a multiple of KS). Warps: KS
-        along K (warp k takes mma tiles k, k + KS, ...; their sums meet in shared memory at the
-        end, no workspace), 2**BITS / 8 along the masks (4 bits)."""
+    def _next_copy(itn, tn, tb, tlast, n_it, tile_words, TPP: gl.constexpr):
+        """The copy after iteration ``itn`` of tile ``tn`` (its codes at ``tb``): the next iteration,
+        the next tile's first after a tile's last, and after the program's last step that step again
+        (L2-hot, never multiplied). One tile a program: past its end ``_issue_stage``'s clamps re-read
+        the last mma tile (no wrap: 10 fewer instructions a step)."""
+        itn += 1
+        if TPP > 1:
+            if itn == n_it:
+                if tn < tlast:
+                    itn = 0
+                    tn += 1
+                    tb += tile_words
+                else:
+                    itn = n_it - 1
+        return itn, tn, tb
+
+    @gluon.jit
+    def _bmma_rows(m, tile0, xpl_ptr, xs_ptr, codes_ptr, coef_ptr, ridx_ptr, y_ptr, R, KT, KTP, stride_pm,
+                   stride_ym, BITS: gl.constexpr, KS: gl.constexpr, STAGES: gl.constexpr, HAS_RIDX: gl.constexpr,
+                   TPP: gl.constexpr):
+        """Rows [tile0 * 16, +16 * TPP) of one width block against row m of x, one 16-row tile after
+        the other through one ring of copies (the next tile's first copies in flight during a tile's
+        epilogue): codes tiled by ``tile_codes``, x planes padded with zeros to KTP mma tiles (a
+        multiple of KS). Warps: KS along K (warp k takes mma tiles k, k + KS, ...; their sums meet in
+        shared memory at the end, no workspace), 2**BITS / 8 along the masks (4 bits)."""
         T: gl.constexpr = 2**BITS
         WT: gl.constexpr = T // 8 if T > 8 else 1
         LF: gl.constexpr = _fragment_layout(KS, T, WT)  # (KS, T, rows, chunks): masks, accumulators
@@ -243,9 +262,7 @@ if gluon is not None:
         LP: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [WT, KS, 1, 1], [3, 2, 1, 0])
         P0: gl.constexpr = 4 if BITS == 4 else (2 if BITS >= 2 else 1)  # planes of the first copy
         BP: gl.constexpr = 4 if BITS == 3 else BITS  # planes a stage holds: shapes are powers of two
-        # tiled codes (``tile_codes``): (16-row tile, mma tile, plane, 128 words in fragment order)
         pp, kk, word = _copy_offsets(P0, KS, LP)
-        tbase = codes_ptr + tile.to(gl.int64) * KT * BITS * 128
         woff0 = pp * 128 + word
         woff1 = (_copy_offsets(1, KS, LP)[0] + P0) * 128 + word  # the second copy (3 bits: plane 2)
         tt = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LF))))[None, :, None, None]
@@ -255,12 +272,13 @@ if gluon is not None:
         # the rows' coefficients travel with the first stage and x's scale is loaded now, not at the
         # end (a dependent load there cost 1-2 us a call on 4096-row matrices); the row indices stay
         # at the end (loaded early, or copied with the coefficients, they push 4-bit launches into spills)
-        rt = tile * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, LC))
-        rtm = rt < R
         tc = gl.arange(0, T, layout=gl.SliceLayout(1, LC))
-        csm = gl.allocate_shared_memory(gl.float32, [T, 16], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        async_copy.async_copy_global_to_shared(csm, coef_ptr + gl.where(rtm, rt, 0).to(gl.int64)[None, :] * T
-                                               + tc[:, None], mask=rtm[None, :])
+        csm = gl.allocate_shared_memory(gl.float32, [TPP, T, 16], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        for j in gl.static_range(TPP):
+            rt = (tile0 + j) * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, LC))
+            rtm = rt < R
+            async_copy.async_copy_global_to_shared(csm.index(j), coef_ptr + gl.where(rtm, rt, 0).to(gl.int64)[None, :]
+                                                   * T + tc[:, None], mask=rtm[None, :])
         xscale = gl.load(xs_ptr + m)
         # code words and x planes of the next STAGES - 1 steps are in flight while a step is
         # multiplied (latency x bandwidth), copied to shared memory without holding registers.
@@ -269,39 +287,63 @@ if gluon is not None:
         # the same bytes as one (KS, 16, 8) buffer a plane, for the loads
         wsm = smem._reinterpret(gl.int32, [STAGES * BP, KS, 16, 8], _word_layout(KS))
         xsm1 = xsm._reinterpret(gl.int32, [STAGES * 2, KS, 16, 8], _word_layout(KS))
+        # the next copy: iteration itn of tile tn, whose codes (``tile_codes``: 16-row tile, mma tile, plane,
+        # 128 words in fragment order) start at tb; a program's tiles are consecutive there
+        n_it = gl.cdiv(KT, KS)
+        tile_words = KT * BITS * 128
+        tlast = gl.minimum(tile0 + TPP, gl.cdiv(R, 16)) - 1
+        tn = tile0
+        tb = codes_ptr + tile0.to(gl.int64) * tile_words
+        itn = 0
         for i in gl.static_range(STAGES - 1):  # the coefficients join the first group
-            _issue_stage(smem, xsm, i, tbase, woff0, woff1, xptr, i * KS + kk, i * KS + kkx, KT, KTP, BITS, P0)
-        acc0 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
-        acc1 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
-        acc2 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
+            _issue_stage(smem, xsm, i, tb, woff0, woff1, xptr, itn * KS + kk, itn * KS + kkx, KT, KTP, BITS, P0)
+            itn, tn, tb = _next_copy(itn, tn, tb, tlast, n_it, tile_words, TPP)
         stage = 0
-        for it in range(0, gl.cdiv(KT, KS)):
-            nxt = stage - 1  # (stage + STAGES - 1) % STAGES; a signed % costs 5 instructions a step
-            if nxt < 0:
-                nxt = STAGES - 1
-            kn = (it + STAGES - 1) * KS
-            _issue_stage(smem, xsm, nxt, tbase, woff0, woff1, xptr, kn + kk, kn + kkx, KT, KTP, BITS, P0)
-            async_copy.wait_group(STAGES - 1)
-            w0 = wsm.index(stage * BP).load(LW)
-            w1 = w0
-            w2 = w0
-            w3 = w0
-            if BITS > 1:
-                w1 = wsm.index(stage * BP + 1).load(LW)
-            if BITS > 2:
-                w2 = wsm.index(stage * BP + 2).load(LW)
-            if BITS > 3:
-                w3 = wsm.index(stage * BP + 3).load(LW)
-            xa = xsm1.index(stage * 2).load(LW)[:, None, :, :]
-            xb = xsm1.index(stage * 2 + 1).load(LW)[:, None, :, :]
-            mk = _masks(w0, w1, w2, w3, tt, BITS)
-            acc0 = _bmma(mk, xa, acc0, _BMMA_LO)
-            acc1 = _bmma(mk, xa, acc1, _BMMA_HI)
-            acc2 = _bmma(mk, xb, acc2, _BMMA_LO)
-            stage += 1
-            if stage == STAGES:
-                stage = 0
-        async_copy.wait_group(0)
+        for j in gl.static_range(TPP):
+            acc0 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
+            acc1 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
+            acc2 = gl.zeros([KS, T, 16, 8], gl.int32, LF)
+            for it in range(0, n_it):
+                nxt = stage - 1  # (stage + STAGES - 1) % STAGES; a signed % costs 5 instructions a step
+                if nxt < 0:
+                    nxt = STAGES - 1
+                _issue_stage(smem, xsm, nxt, tb, woff0, woff1, xptr, itn * KS + kk, itn * KS + kkx, KT, KTP, BITS,
+                             P0)
+                itn, tn, tb = _next_copy(itn, tn, tb, tlast, n_it, tile_words, TPP)
+                async_copy.wait_group(STAGES - 1)
+                w0 = wsm.index(stage * BP).load(LW)
+                w1 = w0
+                w2 = w0
+                w3 = w0
+                if BITS > 1:
+                    w1 = wsm.index(stage * BP + 1).load(LW)
+                if BITS > 2:
+                    w2 = wsm.index(stage * BP + 2).load(LW)
+                if BITS > 3:
+                    w3 = wsm.index(stage * BP + 3).load(LW)
+                xa = xsm1.index(stage * 2).load(LW)[:, None, :, :]
+                xb = xsm1.index(stage * 2 + 1).load(LW)[:, None, :, :]
+                mk = _masks(w0, w1, w2, w3, tt, BITS)
+                acc0 = _bmma(mk, xa, acc0, _BMMA_LO)
+                acc1 = _bmma(mk, xa, acc1, _BMMA_HI)
+                acc2 = _bmma(mk, xb, acc2, _BMMA_LO)
+                stage += 1
+                if stage == STAGES:
+                    stage = 0
+            if j == TPP - 1:
+                async_copy.wait_group(0)
+            _bmma_epilogue(acc0, acc1, acc2, csm.index(j), xscale, m, tile0 + j, ridx_ptr, y_ptr, R, stride_ym, KS,
+                           T, WT, HAS_RIDX)
+
+    @gluon.jit
+    def _bmma_epilogue(acc0, acc1, acc2, csm, xscale, m, tile, ridx_ptr, y_ptr, R, stride_ym, KS: gl.constexpr,
+                       T: gl.constexpr, WT: gl.constexpr, HAS_RIDX: gl.constexpr):
+        """Rows [tile * 16, +16) of y from a tile's accumulators (``_bmma_rows``) and its coefficients
+        in shared memory (csm: (T, 16))."""
+        L4: gl.constexpr = _epilogue_layout(KS, WT)
+        LC: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(3, L4))  # (T, rows)
+        rt = tile * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, LC))
+        rtm = rt < R
         # accumulator column c = 2t + j of group g counts plane 8g + c, weight 2**(8g + c) (the sign plane
         # -2**23). Lane t holds columns 2t, 2t + 1 of every mask and group, so its common factor 4**t waits
         # until its sum over the masks: per element it weights the pair as a + 2b (the sign plane's pair,
@@ -329,22 +371,23 @@ if gluon is not None:
 
     @gluon.jit
     def _bmma_kernel(xpl_ptr, xs_ptr, y_ptr, KT, KTP, stride_pm, stride_ym,
-                     codes_a, coef_a, ridx_a, rows_a, tiles_a, codes_b, coef_b, ridx_b, rows_b,
+                     codes_a, coef_a, ridx_a, rows_a, progs_a, codes_b, coef_b, ridx_b, rows_b,
                      BITS_A: gl.constexpr, KS_A: gl.constexpr, RIDX_A: gl.constexpr,
-                     BITS_B: gl.constexpr, KS_B: gl.constexpr, RIDX_B: gl.constexpr, STAGES: gl.constexpr):
-        """Program (m, tile): one 16-row tile of block a (tiles [0, tiles_a)) or of block b (the
-        rest; BITS_B = 0: no block b), so that a mixed-width matrix is one launch."""
+                     BITS_B: gl.constexpr, KS_B: gl.constexpr, RIDX_B: gl.constexpr, STAGES: gl.constexpr,
+                     TPP: gl.constexpr):
+        """Program (m, p): TPP consecutive 16-row tiles of block a (programs [0, progs_a)) or of block
+        b (the rest; BITS_B = 0: no block b), so that a mixed-width matrix is one launch."""
         m = gl.program_id(0)
-        tile = gl.program_id(1)
+        p = gl.program_id(1)
         if BITS_B == 0:
-            _bmma_rows(m, tile, xpl_ptr, xs_ptr, codes_a, coef_a, ridx_a, y_ptr, rows_a, KT, KTP, stride_pm,
-                       stride_ym, BITS_A, KS_A, STAGES, RIDX_A)
-        elif tile < tiles_a:
-            _bmma_rows(m, tile, xpl_ptr, xs_ptr, codes_a, coef_a, ridx_a, y_ptr, rows_a, KT, KTP, stride_pm,
-                       stride_ym, BITS_A, KS_A, STAGES, RIDX_A)
+            _bmma_rows(m, p * TPP, xpl_ptr, xs_ptr, codes_a, coef_a, ridx_a, y_ptr, rows_a, KT, KTP, stride_pm,
+                       stride_ym, BITS_A, KS_A, STAGES, RIDX_A, TPP)
+        elif p < progs_a:
+            _bmma_rows(m, p * TPP, xpl_ptr, xs_ptr, codes_a, coef_a, ridx_a, y_ptr, rows_a, KT, KTP, stride_pm,
+                       stride_ym, BITS_A, KS_A, STAGES, RIDX_A, TPP)
         else:
-            _bmma_rows(m, tile - tiles_a, xpl_ptr, xs_ptr, codes_b, coef_b, ridx_b, y_ptr, rows_b, KT, KTP,
-                       stride_pm, stride_ym, BITS_B, KS_B, STAGES, RIDX_B)
+            _bmma_rows(m, (p - progs_a) * TPP, xpl_ptr, xs_ptr, codes_b, coef_b, ridx_b, y_ptr, rows_b, KT, KTP,
+                       stride_pm, stride_ym, BITS_B, KS_B, STAGES, RIDX_B, TPP)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -380,12 +423,28 @@ def stages_for(widths, ktiles: int, warps: int) -> int:
     return 4 if warps <= SMALL_LAUNCH_WARPS else 3
 
 
+def tiles_per_program(widths, batch: int, warps: int, device=None) -> int:
+    """16-row tiles a program runs back to back (``_bmma_rows``) in a launch of width blocks
+    ``widths`` for ``batch`` rows of x that has ``warps`` warps at one tile a program. 2 where a batch-1
+    launch of one block of up to 3 bits is too large for ROOMY_REGISTERS but its half is not (28672
+    rows at 2 or 3 bits: half the programs, each at 168 registers instead of 128, one epilogue in flight
+    behind the next tile's copies: 1-1.5% and 3.5-5% faster); else 1. Two tiles lose wherever the
+    launch already fits ROOMY_REGISTERS (4-26%: half the warps in flight), at batch 2 (the second
+    row's codes come from L2: 2-3%), with 4-bit or two blocks (1-9%). H100 sweep: KERNEL_NOTES
+    "Fifteenth session"."""
+    roomy = ROOMY_WARPS_PER_SM * _multiprocessors(device)
+    if len(widths) == 1 and max(widths) <= 3 and batch == 1 and roomy < warps <= 2 * roomy:
+        return 2
+    return 1
+
+
 def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config=None):
     """Write every width block ``(codes, lut, bits, row_index[, prepared])`` (bits <= 4) of one
     matrix into y2 (M, out) from x2 (M, in); return y2. ``prepared``: ``prepare_block(codes, lut,
-    bits)``, worked out here when absent or None (with it the codes may be None). ``planes``: ``x_planes(x2, input_scale)`` when
-    already made for this x. Blocks go two to a launch. ``config``: (warps per program, STAGES[,
-    maxnreg]), a 0 for the rule's choice: ``warps_for``, ``stages_for``, ``registers_for``."""
+    bits)``, worked out here when absent or None (with it the codes may be None). ``planes``:
+    ``x_planes(x2, input_scale)`` when already made for this x. Blocks go two to a launch.
+    ``config``: (warps per program, STAGES[, maxnreg[, tiles a program]]), a 0 for the rule's
+    choice: ``warps_for``, ``stages_for``, ``registers_for``, ``tiles_per_program``."""
     M = x2.shape[0]
     # widest first: a program of a 4-bit tile has twice the masks of a 3-bit one, and programs start
     # in order, so the long ones start first (3.25 bits on the H100: 1-8% faster, KERNEL_NOTES v10)
@@ -398,10 +457,13 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
     for i in range(0, len(blocks), 2):
         pair = blocks[i:i + 2]
         args, consts = [], {}
-        nw, stages, maxnreg = (tuple(config or ()) + (0, 0, 0))[:3]
+        nw, stages, maxnreg, tpp = (tuple(config or ()) + (0, 0, 0, 0))[:4]
+        widths = [b[2] for b in pair]
         nw = nw or warps_for([(b[2], b[1].shape[0]) for b in pair], ktiles, M)
         tiles = sum(triton.cdiv(b[1].shape[0], 16) for b in pair)
-        stages = stages or stages_for([b[2] for b in pair], ktiles, M * tiles * nw)
+        stages = stages or stages_for(widths, ktiles, M * tiles * nw)
+        tpp = tpp or tiles_per_program(widths, M, M * tiles * nw, x2.device)
+        progs = [triton.cdiv(triton.cdiv(b[1].shape[0], 16), tpp) for b in pair]
         for name, block in zip("AB", pair):
             codes, lut, bits, row_index = block[:4]
             prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
@@ -411,12 +473,12 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
                 raise ValueError(f"{nw} warps do not split a {bits}-bit block along K into 1..{MAX_KSPLIT}")
             args += [tiled, coef, row_index.contiguous() if row_index is not None else tiled, lut.shape[0]]
             if name == "A":
-                args.append(triton.cdiv(lut.shape[0], 16))
+                args.append(progs[0])
             consts.update({f"BITS_{name}": bits, f"KS_{name}": ks, f"RIDX_{name}": row_index is not None})
         if len(pair) == 1:
             args += [xs, xs, xs, 0]
             consts.update(BITS_B=0, KS_B=1, RIDX_B=False)
-        maxnreg = maxnreg or registers_for(M * tiles * nw, x2.device)
-        _bmma_kernel[(M, tiles)](xpl, xs, y2, ktiles, ktp, xpl.stride(0), y2.stride(0), *args, **consts,
-                                 STAGES=stages, num_warps=nw, maxnreg=maxnreg)
+        maxnreg = maxnreg or registers_for(M * sum(progs) * nw, x2.device)
+        _bmma_kernel[(M, sum(progs))](xpl, xs, y2, ktiles, ktp, xpl.stride(0), y2.stride(0), *args, **consts,
+                                      STAGES=stages, TPP=tpp, num_warps=nw, maxnreg=maxnreg)
     return y2
