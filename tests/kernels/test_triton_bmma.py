@@ -79,11 +79,15 @@ def test_only_batch_one_launches_of_one_narrow_block_too_large_for_roomy_registe
         assert tb.tiles_per_program([3], 1, 1792 * tb.warps_for([(3, 28672)], 16, 1)) == 2
 
 
-def test_launches_that_fit_three_warps_a_scheduler_get_more_registers():
+def test_launches_that_take_no_more_waves_at_three_warps_a_scheduler_get_more_registers():
     sms = tb._multiprocessors(None)
-    assert tb.registers_for(1, None) == tb.ROOMY_REGISTERS
-    assert tb.registers_for(tb.ROOMY_WARPS_PER_SM * sms, None) == tb.ROOMY_REGISTERS
-    assert tb.registers_for(tb.ROOMY_WARPS_PER_SM * sms + 1, None) == tb.MAX_REGISTERS
+    roomy, most = tb.ROOMY_WARPS_PER_SM * sms, tb.MAX_WARPS_PER_SM * sms  # one wave at 168 / 128 registers
+    assert tb.registers_for(1, None) == tb.registers_for(roomy, None) == tb.ROOMY_REGISTERS
+    assert tb.registers_for(roomy + 1, None) == tb.registers_for(most, None) == tb.MAX_REGISTERS  # 2 waves, not 1
+    assert tb.registers_for(most + 1, None) == tb.registers_for(2 * roomy, None) == tb.ROOMY_REGISTERS  # 2 either way
+    assert tb.registers_for(2 * roomy + 1, None) == tb.MAX_REGISTERS
+    if sms == 132:  # 22016x4096 at 4 bits, batch 1: 1376 programs of 2 warps
+        assert tb.registers_for(2752, None) == tb.ROOMY_REGISTERS
 
 
 def test_binary_tensor_cores_serve_up_to_four_rows_of_x_below_four_bits_two_beside_the_fragment_kernel():

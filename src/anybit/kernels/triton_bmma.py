@@ -54,12 +54,13 @@ from anybit.kernels.xplanes import MAX_KSPLIT, XTILE_WORDS, plane_weights, plane
 
 MAX_BITS = 4  # widths served here
 # Registers a thread. 128 let 4 warps share a scheduler's register file instead of 3: a third more warps
-# in flight, and one wave where it was 1.13 (tall matrices). A launch that fits 3 warps a scheduler
-# anyway gets 168: ptxas then uses ~142-154, keeps the all-ones mask in registers (3-bit loop 134 ->
+# in flight, and one wave where it was 1.13 (tall matrices). A launch that takes no more waves at 3 warps
+# a scheduler gets 168: ptxas then uses ~142-154, keeps the all-ones mask in registers (3-bit loop 134 ->
 # 128 instructions a tile) and never spills (4-bit and mixed launches spill 24-32 bytes at 128).
-# Offline SASS and H100 sweeps: KERNEL_NOTES "Ninth session".
+# Offline SASS and H100 sweeps: KERNEL_NOTES "Ninth session", "Fifteenth session".
 MAX_REGISTERS = 128
 ROOMY_REGISTERS = 168
+MAX_WARPS_PER_SM = 16  # 4 a scheduler at 128 registers (64K registers a multiprocessor)
 ROOMY_WARPS_PER_SM = 12  # 3 a scheduler at <= 168 registers
 # ~Half of one wave at 16 warps a multiprocessor (H100, 128 registers): launches up to this size gain from
 # a K split across warps and from deeper copy stages, larger ones lose (``warps_for``, ``stages_for``)
@@ -72,9 +73,15 @@ def _multiprocessors(device) -> int:
 
 
 def registers_for(warps: int, device=None) -> int:
-    """maxnreg for a launch of ``warps`` warps in all: ROOMY_REGISTERS while they fit
-    ROOMY_WARPS_PER_SM a multiprocessor (132 multiprocessors without a GPU), else MAX_REGISTERS."""
-    return ROOMY_REGISTERS if warps <= ROOMY_WARPS_PER_SM * _multiprocessors(device) else MAX_REGISTERS
+    """maxnreg for a launch of ``warps`` warps in all: ROOMY_REGISTERS unless that takes more waves
+    (ROOMY_WARPS_PER_SM a multiprocessor; 132 multiprocessors without a GPU) than MAX_REGISTERS
+    (MAX_WARPS_PER_SM) -- so also for 2,113-3,168 warps on 132 multiprocessors, where the second
+    wave is there either way (2,752-3,072 warps: 22016x4096 at 4 bits 9% and 3.25 bits 2% faster at batch
+    1, 11008x4096 and 12288x4096 at 4 and 3.25 bits 2-5% at batch 2; H100, KERNEL_NOTES "Fifteenth
+    session")."""
+    sms = _multiprocessors(device)
+    roomy_waves = -(-warps // (ROOMY_WARPS_PER_SM * sms))
+    return ROOMY_REGISTERS if roomy_waves <= -(-warps // (MAX_WARPS_PER_SM * sms)) else MAX_REGISTERS
 
 
 def available() -> bool:
@@ -426,12 +433,12 @@ def stages_for(widths, ktiles: int, warps: int) -> int:
 def tiles_per_program(widths, batch: int, warps: int, device=None) -> int:
     """16-row tiles a program runs back to back (``_bmma_rows``) in a launch of width blocks
     ``widths`` for ``batch`` rows of x that has ``warps`` warps at one tile a program. 2 where a batch-1
-    launch of one block of up to 3 bits is too large for ROOMY_REGISTERS but its half is not (28672
-    rows at 2 or 3 bits: half the programs, each at 168 registers instead of 128, one epilogue in flight
-    behind the next tile's copies: 1-1.5% and 3.5-5% faster); else 1. Two tiles lose wherever the
-    launch already fits ROOMY_REGISTERS (4-26%: half the warps in flight), at batch 2 (the second
-    row's codes come from L2: 2-3%), with 4-bit or two blocks (1-9%). H100 sweep: KERNEL_NOTES
-    "Fifteenth session"."""
+    launch of one block of up to 3 bits is too large for one wave at ROOMY_REGISTERS but its half is
+    not (28672 rows at 2 or 3 bits: half the programs, one wave at 168 registers instead of 128, one
+    epilogue in flight behind the next tile's copies: 1-1.5% and 3.5-5% faster); else 1. Two tiles
+    lose wherever the launch already fits one wave at ROOMY_REGISTERS (4-26%: half the warps in
+    flight), at batch 2 (the second row's codes come from L2: 2-3%), with 4-bit or two blocks
+    (1-9%). H100 sweep: KERNEL_NOTES "Fifteenth session"."""
     roomy = ROOMY_WARPS_PER_SM * _multiprocessors(device)
     if len(widths) == 1 and max(widths) <= 3 and batch == 1 and roomy < warps <= 2 * roomy:
         return 2
