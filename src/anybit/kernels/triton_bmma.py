@@ -22,7 +22,8 @@ within 2**13 of the largest keep every fp16 mantissa bit) and the fp32 coefficie
 
 Work per 16 rows x 256 columns: ``2**b`` masks x 3 plane groups of 8 mma (b <= 3: one warp; 4 bits:
 two warps, 8 masks each); a program's warps may also split K (``warps_for``), summing in shared
-memory at the end. Widths 1..4 run here, wider blocks on ``triton_lut``'s kernels. Used by
+memory at the end, and a program may run two 16-row tiles back to back (``tiles_per_program``).
+Widths 1..4 run here, wider blocks on ``triton_lut``'s kernels. Used by
 ``triton_lut.launch_blocks`` for up to 2 rows of x (3 or 4 where ``triton_mma`` cannot serve the
 call: ``bmma_batch_limit``) when the blocks come with ``prepare_block``'s operands (``AnybitLinear``
 keeps them instead of the stored codes on GPUs where this kernel runs: one copy), or with
