@@ -5,10 +5,10 @@
     python3 benchmarks/kernels.py --smoke         # tiny, CPU + TRITON_INTERPRET=1: exercises this file
 
 Per LLaMA-2-7B / LLaMA-3-8B linear shape (out x in), width (2, 3, 4 bits, and 3.25 = 75% 3-bit
-+ 25% 4-bit rows as two row blocks; 2.25 = 75% 2-bit + 25% 3-bit with --widths) and batch (1, 2, 4, 8, 16): the time per call of what
-``launch_blocks`` runs on the blocks as ``AnybitLinear`` keeps them (``kept_blocks``: tiled codes
-for blocks of up to 4 bits where the tensor-core kernels run) (N
-calls over N weight buffers, 3x the L2 in all, captured in one CUDA graph; the replay timed with
++ 25% 4-bit rows as two row blocks; 2.25 = 75% 2-bit + 25% 3-bit with --widths) and batch (1, 2,
+4, 8, 16): the time per call of what ``launch_blocks`` runs on the blocks as ``AnybitLinear``
+keeps them (``kept_blocks``: tiled codes for blocks of up to 4 bits where the tensor-core kernels
+run) (N calls over N weight buffers, 3x the L2 in all, captured in one CUDA graph; the replay timed with
 ``triton.testing.do_bench``, median, L2 cleared before each replay), torch fp16 ``F.linear`` timed
 the same way, the bytes the kernel must read and write (codes + codebooks + row indices + x + y),
 achieved GB/s and the share of the measured copy bandwidth (a 1 GiB device-to-device copy, bytes

@@ -467,11 +467,12 @@ def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config
         args, consts = [], {}
         nw, stages, maxnreg, tpp = (tuple(config or ()) + (0, 0, 0, 0))[:4]
         widths = [b[2] for b in pair]
+        tiles = [triton.cdiv(b[1].shape[0], 16) for b in pair]
         nw = nw or warps_for([(b[2], b[1].shape[0]) for b in pair], ktiles, M)
-        tiles = sum(triton.cdiv(b[1].shape[0], 16) for b in pair)
-        stages = stages or stages_for(widths, ktiles, M * tiles * nw)
-        tpp = tpp or tiles_per_program(widths, M, M * tiles * nw, x2.device)
-        progs = [triton.cdiv(triton.cdiv(b[1].shape[0], 16), tpp) for b in pair]
+        warps = M * sum(tiles) * nw  # at one tile a program
+        stages = stages or stages_for(widths, ktiles, warps)
+        tpp = tpp or tiles_per_program(widths, M, warps, x2.device)
+        progs = [triton.cdiv(t, tpp) for t in tiles]
         for name, block in zip("AB", pair):
             codes, lut, bits, row_index = block[:4]
             prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
