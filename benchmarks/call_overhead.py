@@ -7,7 +7,8 @@ Shapes small enough (4096x4096) that the GPU is never the bottleneck: each figur
 N calls in a row divided by N (the queue of launches never fills), then the device is synchronised.
 Rows: the module's forward with and without x's planes given, then each layer of the call on its own
 (``lut_linear_blocks``, ``triton_lut.launch_blocks``, ``triton_bmma.launch``, ``xplanes.x_planes``) and,
-for scale, launches of an empty Triton kernel with 1 and with 25 arguments. Writes ``call_overhead.json``.
+for scale, launches of an empty Triton kernel with 1 and with 25 arguments, the latter also through its
+compiled kernel's launcher directly. Writes ``call_overhead.json``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def host_us(fn, calls: int | None = None) -> float:
     return us
 
 
+def _direct_launch(args, constants):
+    """A call that runs ``_empty_kernel_25``'s compiled kernel for ``args`` straight through its launcher
+    (Triton 3.6's ``CompiledKernel.run``, as ``JITFunction.run`` ends), skipping the argument binding and
+    the cache lookup: what a launch costs once its specialization is known."""
+    from triton.runtime import driver
+
+    kernel = _empty_kernel_25[(1,)](*args, **dict(zip(("C0", "C1", "C2"), constants)))
+    device = torch.cuda.current_device()
+
+    def call():
+        stream = driver.active.get_current_stream(device)
+        kernel.run(1, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *constants)
+
+    return call
+
+
 def measure(width: str, size: int = 4096, device: str = "cuda") -> dict[str, float]:
     """{row: host us a call} for a size x size AnybitLinear of ``width`` (a MIXES key or a whole width)."""
     gen = torch.Generator().manual_seed(0)
@@ -70,6 +87,7 @@ def measure(width: str, size: int = 4096, device: str = "cuda") -> dict[str, flo
     blocks = [(b[0], b[1], int(b[2]), *b[3:]) for b in ops["blocks"]]
     planes = xplanes.x_planes(x2)
     a = torch.empty(8, device=device)
+    args25 = [a] * 12 + [1] * 13
     rows = {
         "F.linear (fp16)": lambda: torch.nn.functional.linear(x, w),
         "AnybitLinear forward": lambda: lin(x),
@@ -81,7 +99,8 @@ def measure(width: str, size: int = 4096, device: str = "cuda") -> dict[str, flo
         "triton_bmma.launch, x planes given": lambda: triton_bmma.launch(x2, blocks, size, y2, planes=planes),
         "xplanes.x_planes": lambda: xplanes.x_planes(x2),
         "empty Triton kernel, 1 argument": lambda: _empty_kernel[(1,)](a),
-        "empty Triton kernel, 25 arguments": lambda: _empty_kernel_25[(1,)](*([a] * 12 + [1] * 13), C0=1, C1=2, C2=3),
+        "empty Triton kernel, 25 arguments": lambda: _empty_kernel_25[(1,)](*args25, C0=1, C1=2, C2=3),
+        "empty Triton kernel, 25 arguments, compiled kernel run directly": _direct_launch(args25, (1, 2, 3)),
     }
     out = {}
     for name, fn in rows.items():
