@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from decode import random_anybit_linear  # (decode puts src on the path)
-from random_llama import MIXES
+from random_llama import mix_of
 
 import anybit.kernels as ak
 from anybit.kernels import triton_bmma, triton_lut, xplanes
@@ -75,10 +75,9 @@ def _direct_launch(args, constants):
 
 
 def measure(width: str, size: int = 4096, device: str = "cuda") -> dict[str, float]:
-    """{row: host us a call} for a size x size AnybitLinear of ``width`` (a MIXES key or a whole width)."""
+    """{row: host us a call} for a size x size AnybitLinear of ``width`` (``random_llama.mix_of``)."""
     gen = torch.Generator().manual_seed(0)
-    mix = MIXES[width] if width in MIXES else {int(width): 1.0}
-    lin = random_anybit_linear(size, size, mix, device, gen).to(device)
+    lin = random_anybit_linear(size, size, mix_of(width), device, gen).to(device)
     x = torch.randn(1, 1, size, device=device, dtype=torch.float16)
     w = torch.randn(size, size, device=device, dtype=torch.float16)
     lin(x)  # tiles the codes (first GPU forward)

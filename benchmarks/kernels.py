@@ -51,7 +51,7 @@ if "anybit" not in sys.modules:  # import the kernels without the package's __in
     sys.modules["anybit"] = _pkg
 
 from anybit.kernels import lut_linear_ref, tiled_codes_supported  # noqa: E402
-from random_llama import MIXES, random_lut_block, random_row_widths  # noqa: E402
+from random_llama import mix_of, random_lut_block, random_row_widths  # noqa: E402
 from anybit.kernels import triton_lut as tk  # noqa: E402
 from anybit.kernels import xplanes  # noqa: E402
 from anybit.kernels.reference import add_outliers_ref  # noqa: E402
@@ -76,11 +76,6 @@ def log(*a):
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def mix_of(width: str) -> dict[int, float]:
-    """Row shares per width of a table width ("3.25": ``random_llama.MIXES``; "5": all rows 5-bit)."""
-    return MIXES[width] if width in MIXES else {int(width): 1.0}
 
 
 def make_matrix(out_f, in_f, width, device, lut_dtype, gen):

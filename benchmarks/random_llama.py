@@ -64,6 +64,11 @@ def random_llama(shape: str = "llama2-7b", layers: int | None = None, dtype=torc
 MIXES = {"4": {4: 1.0}, "3.25": {3: 0.75, 4: 0.25}, "2.25": {2: 0.75, 3: 0.25}, "3": {3: 1.0}, "2": {2: 1.0}}
 
 
+def mix_of(width: str) -> dict[int, float]:
+    """Row shares per width of a width name ("3.25": ``MIXES``; "5": all rows 5-bit)."""
+    return MIXES[width] if width in MIXES else {int(width): 1.0}
+
+
 def random_row_widths(rows: int, mix: dict[int, float], gen: torch.Generator) -> torch.Tensor:
     """uint8 (rows,): each row's width, the wider widths of ``mix`` on random rows by their shares
     (the narrowest takes the rest)."""
