@@ -5,10 +5,13 @@
 
 Shapes small enough (4096x4096) that the GPU is never the bottleneck: each figure is the host time of
 N calls in a row divided by N (the queue of launches never fills), then the device is synchronised.
-Rows: the module's forward with and without x's planes given, then each layer of the call on its own
-(``lut_linear_blocks``, ``triton_lut.launch_blocks``, ``triton_bmma.launch``, ``xplanes.x_planes``) and,
-for scale, launches of an empty Triton kernel with 1 and with 25 arguments, the latter also through its
-compiled kernel's launcher directly. Writes ``call_overhead.json``.
+Rows: the module's forward with and without x's planes given (its launches planned on its first call:
+``kernels.plan_linear_blocks``); three of the forward's steps besides the launches (the kernel-or-dense
+check, the kept kernel operands' validity check, allocating the output); each layer of the unplanned
+call on its own (``lut_linear_blocks``, ``triton_lut.launch_blocks``, ``triton_bmma.launch``,
+``xplanes.x_planes``); the two planned launches (``triton_bmma.BmmaLaunch``, ``xplanes.XPlanesLaunch``)
+made once and called; and, for scale, launches of an empty Triton kernel with 1 and with 25 arguments,
+the latter also through its compiled kernel's launcher directly. Writes ``call_overhead.json``.
 """
 
 from __future__ import annotations
@@ -85,18 +88,24 @@ def measure(width: str, size: int = 4096, device: str = "cuda") -> dict[str, flo
     x2, y2 = x.view(1, size), torch.empty(1, size, device=device, dtype=torch.float16)
     blocks = [(b[0], b[1], int(b[2]), *b[3:]) for b in ops["blocks"]]
     planes = xplanes.x_planes(x2)
+    bmma, x_planes = triton_bmma.BmmaLaunch(blocks, size, 1, device), xplanes.XPlanesLaunch(1, size, device)
     a = torch.empty(8, device=device)
     args25 = [a] * 12 + [1] * 13
     rows = {
         "F.linear (fp16)": lambda: torch.nn.functional.linear(x, w),
         "AnybitLinear forward": lambda: lin(x),
         "AnybitLinear forward, x planes given": lambda: lin(x, planes=planes),
+        "AnybitLinear.uses_kernel": lambda: lin.uses_kernel(x),
+        "AnybitLinear.kernel_operands (kept)": lambda: lin.kernel_operands(x.device),
+        "torch.empty (the output)": lambda: torch.empty(1, 1, size, dtype=x.dtype, device=x.device),
         "kernels.lut_linear_blocks, x planes given": lambda: ak.lut_linear_blocks(x, ops["blocks"], size,
                                                                                   planes=planes),
         "triton_lut.launch_blocks, x planes given": lambda: triton_lut.launch_blocks(x2, blocks, size, y2,
                                                                                      planes=planes),
         "triton_bmma.launch, x planes given": lambda: triton_bmma.launch(x2, blocks, size, y2, planes=planes),
+        "triton_bmma.BmmaLaunch made once, called, x planes given": lambda: bmma(x2, y2, planes),
         "xplanes.x_planes": lambda: xplanes.x_planes(x2),
+        "xplanes.XPlanesLaunch made once, called": lambda: x_planes(x2),
         "empty Triton kernel, 1 argument": lambda: _empty_kernel[(1,)](a),
         "empty Triton kernel, 25 arguments": lambda: _empty_kernel_25[(1,)](*args25, C0=1, C1=2, C2=3),
         "empty Triton kernel, 25 arguments, compiled kernel run directly": _direct_launch(args25, (1, 2, 3)),

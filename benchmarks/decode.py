@@ -315,7 +315,7 @@ def measure(model, args, cuda: bool) -> dict:
             row[key] = round(tokens_per_s(graph.replay, decoder, args.steps, args.repeats, cuda), 1)
             del graph, decoder
     decoder = StaticDecoder(model, args.max_len, attention=args.attention)
-    row["tokens_per_s_eager"] = round(tokens_per_s(decoder.step, decoder, args.eager_steps, 1, cuda), 1)
+    row["tokens_per_s_eager"] = round(tokens_per_s(decoder.step, decoder, args.eager_steps, args.repeats, cuda), 1)
     row.setdefault("tokens_per_s", row["tokens_per_s_eager"])
     return row
 

@@ -27,4 +27,4 @@ def test_call_overhead_without_a_gpu_exits_with_one_line(capsys):
 def test_cuda_call_overhead_measures_every_row(monkeypatch):
     monkeypatch.setattr(call_overhead, "CALLS", 20)
     rows = call_overhead.measure("3.25", size=512)
-    assert len(rows) == 10 and all(v > 0 for v in rows.values())
+    assert len(rows) == 15 and all(v > 0 for v in rows.values())

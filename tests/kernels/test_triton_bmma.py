@@ -225,5 +225,34 @@ def test_bmma_cuda_output_does_not_depend_on_copy_stages_or_tiles_a_program(widt
     assert all(torch.equal(o[:, written], outs[0][:, written]) for o in outs[1:])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("widths,batch,scaled", [((3, 4), 1, False), ((3,), 2, True), ((2, 3, 4), 1, False)])
+def test_bmma_cuda_planned_launch_computes_what_launch_computes(widths, batch, scaled):
+    """``BmmaLaunch`` made once and called again and again (its launches then straight through the
+    compiled kernels) writes what ``launch`` writes for each fresh x, bit for bit: with its own planes
+    or given ones, into a fresh y or one misaligned for 16-byte loads (a pass through the JIT)."""
+    gen = torch.Generator().manual_seed(sum(widths) + batch)
+    rows, cols = 211, 1100
+    owner = torch.randint(0, len(widths), (rows,), generator=gen)
+    scale = (torch.rand(cols, generator=gen) + 0.5).half().cuda() if scaled else None
+    blocks = []
+    for i, bits in enumerate(widths):
+        members = (owner == i).nonzero().squeeze(1)
+        _, packed, lut = block(members.numel(), cols, bits, gen)
+        packed, lut = packed.cuda(), lut.cuda()
+        blocks.append((packed, lut, bits, members.cuda(), tb.prepare_block(packed, lut, bits)))
+    plan = tb.BmmaLaunch(blocks, cols, batch, "cuda", scale)
+    for call in range(4):
+        x = torch.randn(batch, cols, generator=gen).half().cuda()
+        want = torch.full((batch, rows), float("nan"), dtype=x.dtype, device="cuda")
+        tb.launch(x, blocks, cols, want, scale)
+        y = torch.full((batch * rows + 1,), float("nan"), dtype=x.dtype, device="cuda")
+        y = y[1:].view(batch, rows) if call == 2 else y[:-1].view(batch, rows)
+        planes = xplanes.x_planes(x, scale) if call == 3 else None
+        assert torch.equal(plan(x, y, planes), want) and torch.equal(y, want), call
+    assert len(plan.launches) == -(-len(widths) // 2) and all(launch.kernel is not None for launch in plan.launches)
+    with pytest.raises(ValueError, match="x planes of shape"):
+        plan(x, y, xplanes.x_planes(torch.zeros(batch, 3000, dtype=x.dtype, device="cuda")))
+
 if __name__ == "__main__":
     print(json.dumps({str(c): emulated_error(*c) for c in CASES}))

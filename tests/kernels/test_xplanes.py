@@ -65,7 +65,11 @@ def case_results(rows, cols, dtype, with_delta, strided, device="cpu"):
     s_ref = h + delta if with_delta else h
     gate, up = h, delta
     g, gplanes = xplanes.silu_mul_planes(gate, up)
+    scale = (torch.rand(cols, generator=gen) + 0.5).to(h.dtype).to(device)
+    planned = xplanes.XPlanesLaunch(rows, cols, device), xplanes.XPlanesLaunch(rows, cols, device, scale)
     return {
+        "planned_planes_exact": all(same_planes(planned[0](x), xplanes.x_planes(x))
+                                    and same_planes(planned[1](x), xplanes.x_planes(x, scale)) for x in (h, delta)),
         "sum_equal": bool(torch.equal(s, s_ref)),
         "norm_ulps": ulps(y, rms_norm_ref(s_ref, weight, 1e-5)),
         "norm_planes_exact": same_planes(planes, xplanes.x_planes(y)),
@@ -82,7 +86,7 @@ def interpreted_results():
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fused_producers_write_the_planes_of_what_they_write(interpreted_results, case):
     r = interpreted_results[str(case)]
-    assert r["norm_planes_exact"] and r["silu_planes_exact"]
+    assert r["norm_planes_exact"] and r["silu_planes_exact"] and r["planned_planes_exact"]
     if case[2] == "bfloat16":
         # Triton 3.9's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), so its bf16
         # values are a step off; the planes still match what it wrote. Values: the CUDA test.
@@ -116,8 +120,13 @@ def test_row_blocks_cover_the_row_with_few_power_of_two_pieces():
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fused_producers_cuda(case):
     r = case_results(*case, device="cuda")
-    assert r["sum_equal"] and r["norm_planes_exact"] and r["silu_planes_exact"]
+    assert r["sum_equal"] and r["norm_planes_exact"] and r["silu_planes_exact"] and r["planned_planes_exact"]
     assert r["norm_ulps"] <= 1.0 and r["silu_ulps"] <= 1.0
+
+
+def test_planned_planes_refuse_another_shape():
+    with pytest.raises(ValueError, match=r"planes of \(2, 300\) rows x columns, planned for \(1, 300\)"):
+        xplanes.XPlanesLaunch(1, 300, "cpu")(torch.zeros(2, 300, dtype=torch.float16))
 
 
 if __name__ == "__main__":

@@ -207,6 +207,41 @@ def test_cuda_forward_reads_planes_made_before_it_and_ignores_them_where_x_is_tr
     assert torch.equal(transformed(x, planes=other), transformed(x))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_plans_the_launches_of_decoding_batches_once():
+    """Batches of 1 and 2 rows run a launch plan kept with the kernel operands (made on the first call,
+    ``kernels.plan_linear_blocks``) and compute what ``lut_linear_blocks`` computes, bit for bit, with
+    and without a permutation, input scale and outliers and with planes given; batches the plan does
+    not serve keep None or nothing; new weights loaded in place get a new plan."""
+    import anybit.kernels as kernels
+    from anybit.kernels import xplanes
+
+    gen = torch.Generator().manual_seed(7)
+    plain = AnybitLinear.from_quantized(random_lut(200, 600, 0, seed=7, widths=(3, 4))).cuda()
+    extras = AnybitLinear.from_quantized(with_extras(random_lut(200, 600, 0, seed=8, widths=(2, 3)), seed=8)).cuda()
+    for module in (plain, extras):
+        for batch in (1, 2, 1, 3, 17):
+            x = torch.randn(batch, 600, generator=gen).cuda().half()
+            ops = module.kernel_operands(x.device)
+            xs = x[:, ops["perm"]] if ops["perm"] is not None else x
+            want = kernels.lut_linear_blocks(xs, ops["blocks"], module.out_features, input_scale=ops["input_scale"],
+                                             outliers=ops["outliers"])
+            assert torch.equal(module(x), want), batch
+        plans = module.kernel_operands()["plans"]
+        assert plans[(1, torch.float16)] is not None and plans[(2, torch.float16)] is not None
+        assert plans[(3, torch.float16)] is None and (17, torch.float16) not in plans
+    x = torch.randn(1, 600, generator=gen).cuda().half()
+    assert torch.equal(plain(x, planes=xplanes.x_planes(x)), plain(x))
+    before = plain(x)
+    doubled = {name: t * 2 if name.startswith("lut_") else t for name, t in plain.state_dict().items()}
+    other = AnybitLinear(plain.spec).cuda()
+    other.load_state_dict(doubled)
+    plain.load_state_dict(doubled)
+    assert torch.equal(plain(x), other(x)) and not torch.equal(plain(x), before)
+    with pytest.raises(ValueError, match="x has 599 features, expected 600"):
+        plain(x[:, 1:])
+
+
 def test_stacked_module_computes_the_linears_outputs_in_turn():
     weights = [with_extras(random_lut(7 + s, 45, 0, seed=s), seed=s, outliers=2 + s) for s in range(3)]
     for w in weights[1:]:

@@ -15,6 +15,9 @@ Public entry points:
   ``triton_bmma.prepare_block``'s operands: subset coefficients and the codes in the tiled order
   of ``tiling``, is passed on to ``launch_blocks``; with it the codes may be None), all writing
   straight into one output: at batch 1 one launch for up to two blocks, one more for the outliers.
+- ``plan_linear_blocks(blocks, in_features, batch, dtype, device, *, input_scale=None, outliers=None)``:
+  the same call for a caller that repeats it (``AnybitLinear`` at decoding's batch sizes), its launch
+  decisions made once and its launches run straight through their compiled kernels (``launcher``).
 
 On CUDA tensors these run the Triton kernels (``triton_lut``); elsewhere, or with
 ``ANYBIT_KERNELS=reference`` in the environment, the pure-torch reference (``reference``), which
@@ -22,7 +25,8 @@ is the same function. Where ``tiled_codes_supported``, ``AnybitLinear`` keeps th
 blocks of up to 4 bits in the tiled order only (one copy), which the tensor-core kernels read.
 Activations fp16, bf16 or fp32; accumulation in fp32. For batch-1
 decoding capture the model in a CUDA graph, as the benchmarks do (benchmarks/kernels.py,
-benchmarks/decode.py), or Python launch overhead dominates.
+benchmarks/decode.py): launched from Python, even planned, a call costs more host time than its
+kernels take (benchmarks/call_overhead.py).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from anybit.kernels.reference import (
 )
 from anybit.kernels.tiling import KTILE, stored_codes, tile_shape
 
-__all__ = ["lut_linear", "lut_linear_blocks", "lut_linear_ref", "triton_available", "use_triton"]
+__all__ = ["lut_linear", "lut_linear_blocks", "lut_linear_ref", "plan_linear_blocks", "triton_available", "use_triton"]
 
 
 def triton_available() -> bool:
@@ -148,3 +152,36 @@ def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features:
     if outliers is not None:
         add_outliers_ref(x.reshape(-1, in_features), outliers, out.view(-1, out_features))
     return out
+
+
+def plan_linear_blocks(blocks: Iterable[Sequence], in_features: int, batch: int, dtype: torch.dtype, device, *,
+                       input_scale: torch.Tensor | None = None, outliers=None):
+    """``lut_linear_blocks`` of these blocks for ``batch`` rows of ``dtype`` x on ``device``, its launch
+    decisions made once, for a caller that makes the same call again and again (``AnybitLinear``, while
+    its weights stay): a function ``(x2, y2, planes=None)`` that writes y2 (batch, out_features) from
+    x2 (batch, in_features) as ``lut_linear_blocks`` would, its binary tensor-core launches run straight
+    through their compiled kernels (``triton_bmma.BmmaLaunch``: 20-30 us of host time less a launch).
+    None where that is not the kernel ``lut_linear_blocks`` would run (other batches, wider blocks, no
+    tiled codes, the reference path): call ``lut_linear_blocks`` then."""
+    device = torch.device(device)
+    if not tiled_codes_supported(device) or batch < 1:
+        return None
+    from anybit.kernels import triton_bmma
+
+    tk = _triton()
+    blocks = [(b[0], b[1], int(b[2]), *b[3:]) for b in blocks]
+    for block in blocks:
+        _check_kernel_block(block, in_features)
+    x_like = torch.empty(batch, in_features, dtype=dtype, device=device)
+    if tk.tensor_core_mode(x_like, blocks) != "bmma" or any(b[2] > triton_bmma.MAX_BITS for b in blocks):
+        return None
+    scale = input_scale.contiguous() if input_scale is not None else None
+    bmma = triton_bmma.BmmaLaunch(blocks, in_features, batch, device, scale)
+    sparse = csr_parts(outliers) if outliers is not None else None
+
+    def run(x2: torch.Tensor, y2: torch.Tensor, planes=None) -> None:
+        bmma(x2, y2, planes)
+        if sparse is not None:
+            tk.launch_outliers(x2, *sparse, y2)
+
+    return run

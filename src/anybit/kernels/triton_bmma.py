@@ -51,7 +51,10 @@ except Exception:  # pragma: no cover - older Triton: the FMA kernels serve ever
     gluon = None
 
 from anybit.kernels.tiling import KTILE, tile_codes
-from anybit.kernels.xplanes import MAX_KSPLIT, XTILE_WORDS, plane_weights, plane_words, x_planes
+from anybit.kernels.launcher import KernelLaunch
+from anybit.kernels.xplanes import (
+    MAX_KSPLIT, XTILE_WORDS, XPlanesLaunch, plane_chunks, plane_weights, plane_words,
+)
 
 MAX_BITS = 4  # widths served here
 # Registers a thread. 128 let 4 warps share a scheduler's register file instead of 3: a third more warps
@@ -446,48 +449,77 @@ def tiles_per_program(widths, batch: int, warps: int, device=None) -> int:
     return 1
 
 
+class BmmaLaunch:
+    """``launch``'s work for the width blocks ``(codes, lut, bits, row_index[, prepared])`` (bits <= 4) of
+    one matrix and ``batch`` rows of x on ``device``, worked out once: blocks in launch order, each
+    launch's warps, stages, registers, tiles a program and grid, and its arguments but x's planes and y
+    (``launcher.KernelLaunch``: after the first call no pass through Triton's dispatch). ``prepared``:
+    ``prepare_block(codes, lut, bits)``, made here when absent or None (with it the codes may be None).
+    ``input_scale``: what x is divided by per column, for the planes made here. ``config``: (warps per
+    program, STAGES[, maxnreg[, tiles a program]]), a 0 for the rule's choice: ``warps_for``,
+    ``stages_for``, ``registers_for``, ``tiles_per_program``. Blocks go two to a launch. A call
+    ``(x2, y2, planes=None)`` writes every block's rows of y2 (batch, out) from x2 (batch, in), with
+    ``planes`` (``x_planes(x2, input_scale)``) when already made for this x."""
+
+    def __init__(self, blocks, in_features: int, batch: int, device, input_scale=None, config=None):
+        # widest first: a program of a 4-bit tile has twice the masks of a 3-bit one, and programs start
+        # in order, so the long ones start first (3.25 bits on the H100: 1-8% faster, KERNEL_NOTES v10)
+        blocks = sorted((b for b in blocks if b[1].shape[0] > 0), key=lambda b: -b[2])
+        ktp = plane_chunks(in_features) // KTILE
+        self.batch, self.ktp, self.launches, self.planes = batch, ktp, [], None
+        if not (batch and blocks):
+            return
+        self.planes = XPlanesLaunch(batch, in_features, device, input_scale)
+        ktiles = -(-in_features // (32 * KTILE))
+        # what each call brings (x's planes, y) stands on the meta device until then
+        xpl = torch.empty(batch, ktp, XTILE_WORDS, dtype=torch.int32, device="meta")
+        xs, y = torch.empty(batch, device="meta"), torch.empty(batch, 1, device="meta")
+        for i in range(0, len(blocks), 2):
+            pair = blocks[i:i + 2]
+            args, consts = [], {}
+            nw, stages, maxnreg, tpp = (tuple(config or ()) + (0, 0, 0, 0))[:4]
+            widths = [b[2] for b in pair]
+            tiles = [triton.cdiv(b[1].shape[0], 16) for b in pair]
+            nw = nw or warps_for([(b[2], b[1].shape[0]) for b in pair], ktiles, batch)
+            warps = batch * sum(tiles) * nw  # at one tile a program
+            stages = stages or stages_for(widths, ktiles, warps)
+            tpp = tpp or tiles_per_program(widths, batch, warps, device)
+            progs = [triton.cdiv(t, tpp) for t in tiles]
+            for name, block in zip("AB", pair):
+                codes, lut, bits, row_index = block[:4]
+                prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
+                coef, tiled = prepared
+                ks = nw // (2 if bits == 4 else 1)
+                if ks < 1 or MAX_KSPLIT % ks:
+                    raise ValueError(f"{nw} warps do not split a {bits}-bit block along K into 1..{MAX_KSPLIT}")
+                args += [tiled, coef, row_index.contiguous() if row_index is not None else tiled, lut.shape[0]]
+                if name == "A":
+                    args.append(progs[0])
+                consts.update({f"BITS_{name}": bits, f"KS_{name}": ks, f"RIDX_{name}": row_index is not None})
+            if len(pair) == 1:
+                args += [coef, coef, coef, 0]
+                consts.update(BITS_B=0, KS_B=1, RIDX_B=False)
+            maxnreg = maxnreg or registers_for(batch * sum(progs) * nw, device)
+            args = [xpl, xs, y, ktiles, ktp, xpl.stride(0), y.stride(0), *args,
+                    *(consts[f"{c}_{n}"] for n in "AB" for c in ("BITS", "KS", "RIDX")), stages, tpp]
+            self.launches.append(KernelLaunch(_bmma_kernel, (batch, sum(progs)), args,
+                                              {"num_warps": nw, "maxnreg": maxnreg},
+                                              ("xpl_ptr", "xs_ptr", "y_ptr", "stride_pm", "stride_ym")))
+
+    def __call__(self, x2: torch.Tensor, y2: torch.Tensor, planes=None) -> torch.Tensor:
+        if not self.launches:
+            return y2
+        xpl, xs = planes if planes is not None else self.planes(x2)
+        if xpl.shape[:2] != (self.batch, self.ktp):
+            raise ValueError(f"x planes of shape {tuple(xpl.shape)} for {self.batch} rows of {self.ktp} mma tiles")
+        for launch in self.launches:
+            launch(xpl, xs, y2, xpl.stride(0), y2.stride(0))
+        return y2
+
+
 def launch(x2, blocks, in_features, y2, input_scale=None, *, planes=None, config=None):
     """Write every width block ``(codes, lut, bits, row_index[, prepared])`` (bits <= 4) of one
-    matrix into y2 (M, out) from x2 (M, in); return y2. ``prepared``: ``prepare_block(codes, lut,
-    bits)``, worked out here when absent or None (with it the codes may be None). ``planes``:
-    ``x_planes(x2, input_scale)`` when already made for this x. Blocks go two to a launch.
-    ``config``: (warps per program, STAGES[, maxnreg[, tiles a program]]), a 0 for the rule's
-    choice: ``warps_for``, ``stages_for``, ``registers_for``, ``tiles_per_program``."""
-    M = x2.shape[0]
-    # widest first: a program of a 4-bit tile has twice the masks of a 3-bit one, and programs start
-    # in order, so the long ones start first (3.25 bits on the H100: 1-8% faster, KERNEL_NOTES v10)
-    blocks = sorted((b for b in blocks if b[1].shape[0] > 0), key=lambda b: -b[2])
-    if M == 0 or not blocks:
-        return y2
-    xpl, xs = planes if planes is not None else x_planes(x2, input_scale)
-    ktp = xpl.shape[1]
-    ktiles = -(-in_features // (32 * KTILE))
-    for i in range(0, len(blocks), 2):
-        pair = blocks[i:i + 2]
-        args, consts = [], {}
-        nw, stages, maxnreg, tpp = (tuple(config or ()) + (0, 0, 0, 0))[:4]
-        widths = [b[2] for b in pair]
-        tiles = [triton.cdiv(b[1].shape[0], 16) for b in pair]
-        nw = nw or warps_for([(b[2], b[1].shape[0]) for b in pair], ktiles, M)
-        warps = M * sum(tiles) * nw  # at one tile a program
-        stages = stages or stages_for(widths, ktiles, warps)
-        tpp = tpp or tiles_per_program(widths, M, warps, x2.device)
-        progs = [triton.cdiv(t, tpp) for t in tiles]
-        for name, block in zip("AB", pair):
-            codes, lut, bits, row_index = block[:4]
-            prepared = block[4] if len(block) > 4 and block[4] is not None else prepare_block(codes, lut, bits)
-            coef, tiled = prepared
-            ks = nw // (2 if bits == 4 else 1)
-            if ks < 1 or MAX_KSPLIT % ks:
-                raise ValueError(f"{nw} warps do not split a {bits}-bit block along K into 1..{MAX_KSPLIT}")
-            args += [tiled, coef, row_index.contiguous() if row_index is not None else tiled, lut.shape[0]]
-            if name == "A":
-                args.append(progs[0])
-            consts.update({f"BITS_{name}": bits, f"KS_{name}": ks, f"RIDX_{name}": row_index is not None})
-        if len(pair) == 1:
-            args += [xs, xs, xs, 0]
-            consts.update(BITS_B=0, KS_B=1, RIDX_B=False)
-        maxnreg = maxnreg or registers_for(M * sum(progs) * nw, x2.device)
-        _bmma_kernel[(M, sum(progs))](xpl, xs, y2, ktiles, ktp, xpl.stride(0), y2.stride(0), *args, **consts,
-                                      STAGES=stages, TPP=tpp, num_warps=nw, maxnreg=maxnreg)
-    return y2
+    matrix into y2 (M, out) from x2 (M, in); return y2. ``planes``: ``x_planes(x2, input_scale)``
+    when already made for this x. ``BmmaLaunch`` says what the rest means, and keeps this work for
+    calls made again."""
+    return BmmaLaunch(blocks, in_features, x2.shape[0], x2.device, input_scale, config)(x2, y2, planes)

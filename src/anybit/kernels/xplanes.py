@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from anybit.kernels.launcher import KernelLaunch
 from anybit.kernels.tiling import KTILE
 
 PLANES = 24  # fixed-point bits of x; 3 groups of 8 mma columns
@@ -193,30 +194,66 @@ def program_warps(K: int, mode: int) -> int:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as (M, K) with unit column stride (a view where it can be)."""
+    """t as (M, K) with unit column stride (a view where it can be; t itself where it is one)."""
+    if t.dim() == 2 and t.stride(-1) == 1:
+        return t
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _plane_buffers(M: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty ``(xpl, xs)`` for the planes of M rows of K columns."""
+    xpl = torch.empty(M, plane_chunks(K) // KTILE, XTILE_WORDS, dtype=torch.int32, device=device)
+    return xpl, torch.empty(M, dtype=torch.float32, device=device)
+
+
+def _planes_call(mode: int, a2, b2, weight, eps: float, sum_out, y_out, xpl, xs, filler):
+    """(grid, every argument of ``_planes_kernel`` in order, options) of a launch; ``filler`` stands in
+    for the inputs and outputs ``mode`` has not (never read or written)."""
+    M, K = a2.shape
+    ncp = xpl.shape[1] * KTILE
+    block_k, p1, p2, loop = row_blocks(K, mode)
+    args = [a2, *(t if t is not None else filler for t in (b2, weight, sum_out, y_out)), xpl, xs, K, ncp, float(eps),
+            a2.stride(0), b2.stride(0) if b2 is not None and b2.dim() == 2 else 0,
+            sum_out.stride(0) if sum_out is not None else 0, y_out.stride(0) if y_out is not None else 0,
+            xpl.stride(0), mode, b2 is not None, block_k, p1, p2, loop, CHUNKS_PER_PROGRAM]
+    return (M, ncp // CHUNKS_PER_PROGRAM), args, {"num_warps": program_warps(K, mode)}
 
 
 def _launch(mode: int, a2, b2=None, weight=None, eps: float = 0.0, sum_out=None, y_out=None):
     """Planes ``(xpl, xs)`` of the values ``_value`` makes from the rows of a2 (and b2, weight) in
     ``mode``; the values also into y_out, and MODE_RMS_NORM's residual sum into sum_out, when given."""
-    M, K = a2.shape
-    ncp = plane_chunks(K)
-    xpl = torch.empty(M, ncp // KTILE, XTILE_WORDS, dtype=torch.int32, device=a2.device)
-    xs = torch.empty(M, dtype=torch.float32, device=a2.device)
-    if M == 0:
+    xpl, xs = _plane_buffers(*a2.shape, a2.device)
+    if a2.shape[0] == 0:
         return xpl, xs
-    cb = CHUNKS_PER_PROGRAM
-    block_k, p1, p2, loop = row_blocks(K, mode)
-    _planes_kernel[(M, ncp // cb)](
-        a2, b2 if b2 is not None else a2, weight if weight is not None else a2,
-        sum_out if sum_out is not None else a2, y_out if y_out is not None else a2, xpl, xs, K, ncp, float(eps),
-        a2.stride(0), b2.stride(0) if b2 is not None and b2.dim() == 2 else 0,
-        sum_out.stride(0) if sum_out is not None else 0, y_out.stride(0) if y_out is not None else 0, xpl.stride(0),
-        MODE=mode, HAS_B=b2 is not None, BLOCK_K=block_k, P1=p1, P2=p2, LOOP=loop, CB=cb,
-        num_warps=program_warps(K, mode))
+    grid, args, options = _planes_call(mode, a2, b2, weight, eps, sum_out, y_out, xpl, xs, a2)
+    _planes_kernel[grid](*args, **options)
     return xpl, xs
+
+
+class XPlanesLaunch:
+    """``x_planes`` of M rows of K columns (divided by ``input_scale`` when given), its launch worked out
+    once (``launcher.KernelLaunch``: no pass through Triton's dispatch after the first call), for a
+    caller that makes the planes of many x of one shape: ``XPlanesLaunch(M, K, device)(x2)``."""
+
+    def __init__(self, M: int, K: int, device, input_scale: torch.Tensor | None = None):
+        self.shape, self.device = (M, K), torch.device(device)
+        scale = input_scale.contiguous() if input_scale is not None else None
+        # what each call brings (x, the planes it writes) stands on the meta device until then
+        xpl, xs = _plane_buffers(M, K, "meta")
+        x = torch.empty(M, K, dtype=torch.float16, device="meta")
+        filler = torch.empty(1, dtype=torch.float32, device=self.device)
+        grid, args, options = _planes_call(MODE_X, x, scale, None, 0.0, None, None, xpl, xs, filler)
+        self.launch = KernelLaunch(_planes_kernel, grid, args, options, ("a_ptr", "xpl_ptr", "xs_ptr", "stride_am"))
+
+    def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = _rows(x2)
+        if tuple(x2.shape) != self.shape:
+            raise ValueError(f"planes of {tuple(x2.shape)} rows x columns, planned for {self.shape}")
+        xpl, xs = _plane_buffers(*self.shape, self.device)
+        if self.shape[0]:
+            self.launch(x2, xpl, xs, x2.stride(0))
+        return xpl, xs
 
 
 def x_planes(x2: torch.Tensor, input_scale: torch.Tensor | None = None):

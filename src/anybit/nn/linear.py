@@ -34,6 +34,8 @@ from anybit.quant.qweight import QuantizedWeight, stack_rows
 # Non-persistent buffers of ``keep_tiled_codes``: a block's codes in the tiled order, its subset coefficients.
 TILED_CODES = "tiled_codes_{}"
 SUBSET_COEF = "subset_coef_{}"
+# Rows of x up to which a call's launches are planned once and kept (``_launch_plan``): decoding's batches.
+PLANNED_BATCH = 16
 
 
 @functools.cache
@@ -202,7 +204,7 @@ class AnybitLinear(nn.Module):
             delta = self.outlier_values.float() - self.weight_at(rows, cols)
             stored = torch.argsort(perm)[cols] if perm is not None else cols
             outliers = (self.outlier_indptr.int(), stored.int(), delta)
-        operands = dict(perm=perm, blocks=blocks, outliers=outliers,
+        operands = dict(perm=perm, blocks=blocks, outliers=outliers, plans={},
                         input_scale=None if scale is None else (scale[perm] if perm is not None else scale))
         self._kernel_operands = (self._buffers_key(), operands)
         return operands
@@ -215,13 +217,36 @@ class AnybitLinear(nn.Module):
         if not self.uses_kernel(x):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self.dequantize(torch.float32).to(x.dtype), bias)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, expected {self.in_features}")
         ops = self.kernel_operands(x.device)
         xs = x[..., ops["perm"]] if ops["perm"] is not None else x
         if ops["perm"] is not None or ops["input_scale"] is not None:
             planes = None
-        y = _kernels().lut_linear_blocks(xs, ops["blocks"], self.out_features, input_scale=ops["input_scale"],
-                                         outliers=ops["outliers"], planes=planes)
+        x2 = xs.reshape(-1, self.in_features)
+        plan = self._launch_plan(ops, x2)
+        if plan is not None:
+            y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype, device=x.device)
+            plan(x2, y.view(-1, self.out_features), planes)
+        else:
+            y = _kernels().lut_linear_blocks(xs, ops["blocks"], self.out_features, input_scale=ops["input_scale"],
+                                             outliers=ops["outliers"], planes=planes)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _launch_plan(self, ops: dict, x2: torch.Tensor):
+        """``kernels.plan_linear_blocks`` for x2's rows and dtype, made on the first call of each and kept
+        with the kernel operands (dropped with them): the launch decisions of a decoding step's calls,
+        made once (None where there is no plan: then ``lut_linear_blocks`` decides per call). Batches of
+        up to PLANNED_BATCH rows only, so that prompts of every length do not each keep one."""
+        batch = x2.shape[0]
+        if batch > PLANNED_BATCH:
+            return None
+        plans = ops["plans"]
+        key = (batch, x2.dtype)
+        if key not in plans:
+            plans[key] = _kernels().plan_linear_blocks(ops["blocks"], self.in_features, batch, x2.dtype, x2.device,
+                                                       input_scale=ops["input_scale"], outliers=ops["outliers"])
+        return plans[key]
 
     def weight_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The de-quantized weight (outliers not applied) at original positions (rows[i], cols[i]), fp32."""
