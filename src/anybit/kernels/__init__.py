@@ -160,7 +160,7 @@ def plan_linear_blocks(blocks: Iterable[Sequence], in_features: int, batch: int,
     decisions made once, for a caller that makes the same call again and again (``AnybitLinear``, while
     its weights stay): a function ``(x2, y2, planes=None)`` that writes y2 (batch, out_features) from
     x2 (batch, in_features) as ``lut_linear_blocks`` would, its binary tensor-core launches run straight
-    through their compiled kernels (``triton_bmma.BmmaLaunch``: 20-30 us of host time less a launch).
+    through their compiled kernels (``triton_bmma.BmmaLaunch``: ~14-31 us of host time less a launch).
     None where that is not the kernel ``lut_linear_blocks`` would run (other batches, wider blocks, no
     tiled codes, the reference path): call ``lut_linear_blocks`` then."""
     device = torch.device(device)

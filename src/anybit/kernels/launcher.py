@@ -1,9 +1,9 @@
 """A Triton kernel launched again and again with the same arguments but a few tensors, without Triton's dispatch.
 
 ``fn[grid](*args)`` binds every argument, works out its specialization (each pointer's 16-byte
-alignment, each integer's value class), looks the compiled kernel up and launches it: 20-30 us of host
-time for a kernel of 16-25 arguments on the H100 machine's CPU, against 12 us for the launch itself
-(``benchmarks/call_overhead.py``). Eager decoding makes hundreds of such launches a token. A
+alignment, each integer's value class), looks the compiled kernel up and launches it: for an empty
+kernel of 25 arguments 14-31 us of host time beyond the 7-13 us of the launch itself on the H100
+machine's CPUs (``benchmarks/call_overhead.py``, BENCHMARKS.md). Eager decoding makes hundreds of such launches a token. A
 ``KernelLaunch`` fixes a launch's grid, options and arguments once (a module's weights, shapes and
 constants); each call names only the arguments that change (x, y, x's planes). Its first call goes
 through the JIT and keeps the compiled kernel; later calls hand it to the kernel's launcher directly
