@@ -126,6 +126,14 @@ def _check_kernel_block(block, in_features: int) -> None:
                          f"{lut.shape[0]} rows x {in_features} columns at {int(bits)} bits")
 
 
+def _kernel_blocks(blocks, in_features: int) -> list[tuple]:
+    """The blocks as the Triton launchers take them (integer bits), each checked (``_check_kernel_block``)."""
+    blocks = [(b[0], b[1], int(b[2]), *b[3:]) for b in blocks]
+    for block in blocks:
+        _check_kernel_block(block, in_features)
+    return blocks
+
+
 def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features: int, *,
                       input_scale: torch.Tensor | None = None, outliers=None,
                       out: torch.Tensor | None = None, planes=None) -> torch.Tensor:
@@ -139,10 +147,7 @@ def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features:
     if use_triton(x):
         lead, x2, y2 = _prepare(x, in_features, out, 0, 0, out_features)
         tk = _triton()
-        for block in blocks:
-            _check_kernel_block(block, in_features)
-        tk.launch_blocks(x2, [(b[0], b[1], int(b[2]), *b[3:]) for b in blocks], in_features, y2, input_scale,
-                         planes=planes)
+        tk.launch_blocks(x2, _kernel_blocks(blocks, in_features), in_features, y2, input_scale, planes=planes)
         if outliers is not None:
             tk.launch_outliers(x2, *csr_parts(outliers), y2)
         return out
@@ -169,9 +174,7 @@ def plan_linear_blocks(blocks: Iterable[Sequence], in_features: int, batch: int,
     from anybit.kernels import triton_bmma
 
     tk = _triton()
-    blocks = [(b[0], b[1], int(b[2]), *b[3:]) for b in blocks]
-    for block in blocks:
-        _check_kernel_block(block, in_features)
+    blocks = _kernel_blocks(blocks, in_features)
     x_like = torch.empty(batch, in_features, dtype=dtype, device=device)
     if tk.tensor_core_mode(x_like, blocks) != "bmma" or any(b[2] > triton_bmma.MAX_BITS for b in blocks):
         return None

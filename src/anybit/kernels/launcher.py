@@ -1,17 +1,17 @@
 """A Triton kernel launched again and again with the same arguments but a few tensors, without Triton's dispatch.
 
-``fn[grid](*args)`` binds every argument, works out its specialization (each pointer's 16-byte
-alignment, each integer's value class), looks the compiled kernel up and launches it: for an empty
-kernel of 25 arguments 14-31 us of host time beyond the 7-13 us of the launch itself on the H100
-machine's CPUs (``benchmarks/call_overhead.py``, BENCHMARKS.md). Eager decoding makes hundreds of such launches a token. A
-``KernelLaunch`` fixes a launch's grid, options and arguments once (a module's weights, shapes and
-constants); each call names only the arguments that change (x, y, x's planes). Its first call goes
-through the JIT and keeps the compiled kernel; later calls hand it to the kernel's launcher directly
-(the last step of Triton's own ``JITFunction.run``) while the changing arguments specialize as they did
-then -- same dtypes, same 16-byte alignment of every pointer, same integers -- and the current device is
-the same; otherwise the call goes through the JIT again (which compiles or finds the right variant) and
-that variant is kept. Under the interpreter (``TRITON_INTERPRET=1``), or where the JIT returns no
-compiled kernel, every call goes through the JIT.
+``fn[grid](*args)`` binds every argument, works out its specialization (each pointer's 16-byte alignment, each
+integer's value class), looks the compiled kernel up and launches it: for an empty kernel of 25 arguments
+14-31 us of host time beyond the 7-13 us of the launch itself on the H100 machine's CPUs
+(``benchmarks/call_overhead.py``, BENCHMARKS.md). Eager decoding makes hundreds of such launches a token. A
+``KernelLaunch`` fixes a launch's grid, options and arguments once (a module's weights, shapes and constants);
+each call names only the arguments that change (x, y, x's planes). Its first call goes through the JIT and
+keeps the compiled kernel; later calls hand it to the kernel's launcher directly (the last step of Triton's
+own ``JITFunction.run``) while the changing arguments specialize as they did then -- same dtypes, same 16-byte
+alignment of every pointer, same integers -- and the current device is the same; otherwise the call goes
+through the JIT again (which compiles or finds the right variant) and that variant is kept. Under the
+interpreter (``TRITON_INTERPRET=1``), or where the JIT returns no compiled kernel, every call goes through the
+JIT.
 """
 
 from __future__ import annotations
