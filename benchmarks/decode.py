@@ -45,6 +45,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ sys.path.insert(0, HERE)
 
 from random_llama import MIXES, random_llama, random_lut_block, random_row_widths  # noqa: E402
 
+from anybit.fileio import write_file_atomic  # noqa: E402
 from anybit.formats.packed import LinearSpec, codes_name, lut_name  # noqa: E402
 from anybit.kernels import tiled_codes_supported  # noqa: E402
 from anybit.models import decoder_blocks  # noqa: E402
@@ -493,14 +495,16 @@ def main(argv=None) -> int:
         lines.append(f"| {r['variant']} | {r['bits']} | {r['block_linear_gib']}{held} GiB | {r['tokens_per_s']} | "
                      f"{r.get('speedup_vs_fp16', '-')} | {r.get('tokens_per_s_graph_unfused', '-')} | "
                      f"{r['tokens_per_s_eager']} |")
-    text = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, "decode.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_report(args.out, "decode", {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
     return 0
+
+
+def write_report(out: str, stem: str, payload: dict, text: str) -> None:
+    """``stem``.json (payload) and ``stem``.md (text) into ``out``, each written atomically; text printed."""
+    os.makedirs(out, exist_ok=True)
+    write_file_atomic(Path(out) / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    write_file_atomic(Path(out) / f"{stem}.md", lambda tmp: tmp.write_text(text))
+    print(text)
 
 
 if __name__ == "__main__":

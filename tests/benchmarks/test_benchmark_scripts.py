@@ -12,6 +12,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import decode  # noqa: E402
+import generate  # noqa: E402
 import quantize_speed  # noqa: E402
 from random_llama import random_llama  # noqa: E402
 
@@ -123,3 +124,10 @@ def test_quantize_speed_script_smoke(tmp_path):
     skim = rows[0]["stages_s"]
     assert skim["quantize/kmeans"] > 0 and skim["quantize/allocation"] > 0 and skim["calibration_forward"] > 0
     assert abs(rows[0]["honest_bits"] - 3.25) < 0.02 and rows[0]["packed_bytes"] > 0
+
+
+def test_generate_script_smoke(tmp_path):
+    assert generate.main(["--smoke", "--budgets", "3.25", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "anybit 3.25"]
+    assert all(r[mode]["tokens_per_s"] > 0 for r in rows for mode in ("compiled", "static eager", "default"))

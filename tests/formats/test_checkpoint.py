@@ -128,6 +128,26 @@ def test_transformers_loads_anybit_modules_with_packed_buffers(tmp_path):
     assert (_logits(again) - expected).abs().max() <= 1e-4
 
 
+def test_generate_compiles_the_decoding_steps_of_a_loaded_checkpoint(tmp_path):
+    """transformers' generate with a static cache compiles a loaded anybit model's decoding steps (on a GPU by
+    itself; here asked to, with fullgraph so that any graph break fails) and picks the eager model's tokens."""
+    from transformers import AutoModelForCausalLM
+    from transformers.generation import CompileConfig
+
+    _quantized_checkpoint(tmp_path / "ckpt", "squeezellm", 3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert model.hf_quantizer.is_compileable
+    config = CompileConfig(fullgraph=True, backend="aot_eager")
+    config._compile_all_devices = True
+    prompt = IDS[:1, :5]
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="static",
+                  pad_token_id=0)
+    torch._dynamo.reset()
+    compiled = model.generate(prompt, compile_config=config, **kwargs)
+    assert hasattr(model, "_compiled_call")  # the steps did run compiled
+    assert torch.equal(compiled, model.generate(prompt, disable_compile=True, **kwargs))
+
+
 def test_a_model_loaded_from_gguf_saves(tmp_path):
     """transformers' gguf quantizer refuses to save; the weights it left are plain, so saving drops it."""
     from transformers.quantizers.quantizer_gguf import GgufHfQuantizer

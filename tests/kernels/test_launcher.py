@@ -62,6 +62,13 @@ def run_calls(device) -> dict:
         y = torch.full((64,), float("nan"), device=device, dtype=x.dtype)
         launch(x, y, n)
         results.append(bool(torch.equal(y[:n], x * 3) and torch.isnan(y[n:]).all()))
+    # one value for two parameters: x scaled in place
+    in_place = launcher.KernelLaunch(_scale_kernel, (1,), [None, None, 0, 3.0, 64], {}, (("x_ptr", "y_ptr"), "n"))
+    for _ in range(2):
+        z = torch.randn(50, generator=gen).to(device)
+        want = torch.cat([z[:40] * 3, z[40:]])
+        in_place(z, 40)
+        results.append(bool(torch.equal(z, want)))
     return {"right": results, "compiled": launch.kernel is not None}
 
 
@@ -71,7 +78,7 @@ def interpreted():
 
 
 def test_interpreted_calls_go_through_the_jit_and_compute_the_same(interpreted):
-    assert interpreted["right"] == [True] * 5 and not interpreted["compiled"]
+    assert interpreted["right"] == [True] * 7 and not interpreted["compiled"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -94,7 +101,7 @@ def test_cuda_calls_launch_directly_while_the_specialization_holds(monkeypatch):
         assert torch.equal(y[:n], x[:n] * 3) and torch.isnan(y[n:]).all()
         assert (len(passes) > before) == jit, (x.data_ptr() % 16, n, x.dtype)
     assert launch.kernel is not None
-    assert run_calls("cuda") == {"right": [True] * 5, "compiled": True}
+    assert run_calls("cuda") == {"right": [True] * 7, "compiled": True}
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ class AnybitHfQuantizer(HfQuantizer):
     def is_trainable(self):
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        return True  # AnybitLinear is one custom op under torch.compile (anybit.nn.compiled)
+
 
 def register() -> None:
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

@@ -38,7 +38,9 @@ def specialization_key(values) -> tuple:
 class KernelLaunch:
     """``fn[grid](*args, **options)`` for ``args`` (every parameter of ``fn`` in order, constexprs
     included) in which only the parameters named in ``changing`` differ from call to call:
-    ``launch(*values)`` runs it with those parameters set to ``values``, in that order."""
+    ``launch(*values)`` runs it with those parameters set to ``values``, in that order. An entry of
+    ``changing`` may be a tuple of names, which all take its one value (a tensor standing in for
+    inputs the kernel does not read, so that the launch keeps no tensor of its own)."""
 
     def __init__(self, fn, grid: Sequence[int], args: Sequence, options: dict, changing: Sequence[str]):
         names = list(fn.arg_names)
@@ -47,15 +49,16 @@ class KernelLaunch:
         self.fn, self.options = fn, dict(options)
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.args = list(args)
-        self.slots = [names.index(name) for name in changing]
+        self.slots = [[names.index(n) for n in ((name,) if isinstance(name, str) else name)] for name in changing]
         self.kernel = None  # the compiled kernel of the last pass through the JIT, and what it was made for
         self.key = None
         self.device = None
 
     def __call__(self, *values) -> None:
         args = self.args.copy()
-        for slot, value in zip(self.slots, values):
-            args[slot] = value
+        for slots, value in zip(self.slots, values):
+            for slot in slots:
+                args[slot] = value
         key = specialization_key(values)
         if self.kernel is not None and key == self.key:
             device = self._current_device()

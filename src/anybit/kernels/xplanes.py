@@ -239,12 +239,14 @@ class XPlanesLaunch:
     def __init__(self, M: int, K: int, device, input_scale: torch.Tensor | None = None):
         self.shape, self.device = (M, K), torch.device(device)
         scale = input_scale.contiguous() if input_scale is not None else None
-        # what each call brings (x, the planes it writes) stands on the meta device until then
+        # what each call brings (x, the planes it writes) stands on the meta device until then; x also
+        # fills the inputs MODE_X does not read, as in ``_launch``: the launch keeps no tensor of its own,
+        # so it can be made while a CUDA graph's memory pool is current (a compiled step's first call)
         xpl, xs = _plane_buffers(M, K, "meta")
         x = torch.empty(M, K, dtype=torch.float16, device="meta")
-        filler = torch.empty(1, dtype=torch.float32, device=self.device)
-        grid, args, options = _planes_call(MODE_X, x, scale, None, 0.0, None, None, xpl, xs, filler)
-        self.launch = KernelLaunch(_planes_kernel, grid, args, options, ("a_ptr", "xpl_ptr", "xs_ptr", "stride_am"))
+        grid, args, options = _planes_call(MODE_X, x, scale, None, 0.0, None, None, xpl, xs, x)
+        x_slots = ("a_ptr", *(["b_ptr"] if scale is None else []), "w_ptr", "h_ptr", "y_ptr")
+        self.launch = KernelLaunch(_planes_kernel, grid, args, options, (x_slots, "xpl_ptr", "xs_ptr", "stride_am"))
 
     def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x2 = _rows(x2)

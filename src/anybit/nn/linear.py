@@ -27,7 +27,7 @@ from anybit.formats.packed import (
     unit_widths, unpack_weight, zeros_name,
 )
 from anybit.kernels.tiling import untile_codes
-from anybit.nn import reference
+from anybit.nn import compiled, reference
 from anybit.quant.qweight import QuantizedWeight, stack_rows
 
 
@@ -51,6 +51,7 @@ class AnybitLinear(nn.Module):
         super().__init__()
         self.spec = spec
         self.in_features, self.out_features = spec.in_features, spec.out_features
+        self._layer_id = compiled.register(self)
         self.register_parameter("bias", None)
         for name, (shape, stored_dtype) in spec.tensor_specs().items():
             empty = torch.empty(shape, dtype=stored_dtype or dtype, device=device)
@@ -140,6 +141,10 @@ class AnybitLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.to_quantized().dequantize(dtype)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._layer_id = compiled.register(self)  # a copy (deepcopy, unpickling) is another layer for the op
+
     def _apply(self, fn, recurse=True):
         # Packed tensors keep their storage dtype whatever the model is cast to (model.half(),
         # .to(torch.float32)): follow device moves only, so casting neither grows nor rounds them.
@@ -213,7 +218,14 @@ class AnybitLinear(nn.Module):
         """``planes``: ``anybit.kernels.xplanes``' planes of x, when the op that made x wrote them too
         (``add_rms_norm_planes``, ``silu_mul_planes``): the binary tensor-core kernel reads them and
         spends no launch on x. Used only where the kernel reads x as given (no column permutation or
-        input scale in the spec); elsewhere ignored."""
+        input scale in the spec); elsewhere ignored. Under ``torch.compile`` the call is one opaque op
+        (``anybit.nn.compiled``), which makes x's planes itself."""
+        if torch.compiler.is_compiling():
+            return compiled.linear(x, self._layer_id)
+        return self.eager_forward(x, planes)
+
+    def eager_forward(self, x: torch.Tensor, planes=None) -> torch.Tensor:
+        """``forward`` outside ``torch.compile``."""
         if not self.uses_kernel(x):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self.dequantize(torch.float32).to(x.dtype), bias)
