@@ -148,6 +148,28 @@ def test_generate_compiles_the_decoding_steps_of_a_loaded_checkpoint(tmp_path):
     assert torch.equal(compiled, model.generate(prompt, disable_compile=True, **kwargs))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_generate_compiles_a_loaded_checkpoint_into_cuda_graphs(tmp_path):
+    """On a GPU generate compiles a static-cache step by itself (inductor, CUDA graphs) around the anybit kernels:
+    each compiled step's logits as the eager step's (fp16 glue rounds otherwise when compiled), to the tokens."""
+    from transformers import AutoModelForCausalLM
+
+    _quantized_checkpoint(tmp_path / "ckpt", "squeezellm", 3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float16).cuda()
+    prompt = IDS[:1, :5].cuda()
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="static",
+                  pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    torch._dynamo.reset()
+    compiled = model.generate(prompt, **kwargs)
+    assert hasattr(model, "_compiled_call")
+    eager = model.generate(prompt, disable_compile=True, **kwargs)
+    agree = int((compiled.sequences == eager.sequences).long().cumprod(1).sum()) - prompt.shape[1]
+    assert agree >= 2, (compiled.sequences, eager.sequences)
+    for step in range(agree):
+        a, b = compiled.logits[step].float(), eager.logits[step].float()
+        assert float((a - b).norm() / b.norm()) < 1e-2, step
+
+
 def test_a_model_loaded_from_gguf_saves(tmp_path):
     """transformers' gguf quantizer refuses to save; the weights it left are plain, so saving drops it."""
     from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
