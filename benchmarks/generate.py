@@ -10,7 +10,8 @@ linears replaced as in ``decode.py``), greedy, batch 1, three ways:
 
 - ``compiled``: ``generate(..., cache_implementation="static")``, which on a GPU compiles the
   decoding step itself (``torch.compile``, mode "reduce-overhead": CUDA graphs); anybit's linears are
-  one opaque op each there (``anybit.nn.compiled``);
+  one opaque op each there (``anybit.nn.compiled``). On the CPU (``--smoke``) ``transformers`` does not
+  compile, so this is the static cache, eager;
 - ``static eager``: the same with ``disable_compile=True`` (every launch from Python);
 - ``default``: plain ``generate(...)`` (a dynamic cache, eager).
 
