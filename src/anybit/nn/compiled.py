@@ -51,9 +51,11 @@ def _(x: torch.Tensor, layer: int) -> torch.Tensor:
     # allocations left alive there that are not outputs: what the first call of a shape keeps (tiled
     # codes, the split-K workspace of its size) must exist before. Tracing, which calls this, comes
     # first: one real call on zeros of x's shape makes it all (and compiles the kernels). A symbolic
-    # shape (dynamic=True) has no size: one row then (launch plans keep no tensor of their own).
+    # shape (dynamic=True) has no size: one row then (launch plans keep no tensor of their own). The
+    # pure-torch path keeps nothing, so it is not called (it would decode the whole weight).
     static = all(isinstance(n, int) for n in x.shape)
     with unset_fake_temporarily():
-        shape = x.shape if static else (1, module.in_features)
-        module.eager_forward(torch.zeros(shape, dtype=x.dtype, device=x.device))
+        if module.uses_kernel(x):
+            shape = x.shape if static else (1, module.in_features)
+            module.eager_forward(torch.zeros(shape, dtype=x.dtype, device=x.device))
     return x.new_empty(x.shape[:-1] + (module.out_features,))
