@@ -11,7 +11,7 @@ tensor-core linear (``triton_bmma.launch``, x's planes given) alone and behind e
 one-program kernel (the launch itself), a kernel of 32 programs that each load x's row and reduce it
 (the planes launch's dependent loads, no planes), ``xplanes.x_planes``, and as ``launch`` runs it
 (making its own planes); graphs of one call a matrix over ``kernels.n_buffers`` matrices, as
-``kernels.py`` times a call. Writes ``planes_launch.json``.
+``kernel_speed.py`` times a call. Writes ``planes_launch.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 import triton
 import triton.language as tl
-from kernels import bench_calls, block_bytes, kept_blocks, make_matrix, n_buffers  # (kernels also puts src on the path)
+from kernel_speed import bench_calls, block_bytes, kept_blocks, make_matrix, n_buffers  # (kernel_speed also puts src on the path)
 
 from anybit.kernels import triton_bmma, xplanes
 

@@ -4,7 +4,7 @@ of that size, beside the 1 GiB copy bandwidth that issue #5's targets are stated
 A call reading tens of MB pays fixed costs a 1 GiB copy does not see: the launch, the first
 requests' DRAM latency, and the last programs' drain. ``streaming_read`` reads every 32-bit word of
 a buffer once (coalesced, 16 bytes a thread and load) and writes one word per program, so its time
-in ``kernels.py``'s harness is what any kernel moving that many bytes at best costs there.
+in ``kernel_speed.py``'s harness is what any kernel moving that many bytes at best costs there.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def streaming_read(words: torch.Tensor, config=CONFIGS[0], out: torch.Tensor | N
 def read_roofline_us(nbytes: int, device, bench_calls, n_buffers) -> tuple[float, tuple]:
     """(us, config): the fastest of ``CONFIGS`` reading ``nbytes`` (whole words), each call on its own
     buffer, over ``n_buffers(nbytes, device)`` buffers, timed by ``bench_calls(calls, device)`` (ms a
-    call): ``kernels.py``'s rotation and timing of the kernels themselves."""
+    call): ``kernel_speed.py``'s rotation and timing of the kernels themselves."""
     n = max(1, nbytes // 4)
     gen = torch.Generator(device=device).manual_seed(0)
     bufs = [torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device=device, generator=gen)

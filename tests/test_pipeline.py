@@ -1,10 +1,12 @@
+import inspect
+
 import pytest
 import torch
 
 from anybit.methods import build_method
 from anybit.models import block_linears, decoder_blocks
 from anybit.pipeline import (
-    add_gram, capture_block_inputs, collect_stats, quantize_model, run_block, sequential_groups,
+    CACHE_ARGUMENTS, add_gram, capture_block_inputs, collect_stats, quantize_model, run_block, sequential_groups,
 )
 
 
@@ -17,7 +19,7 @@ def test_block_replay_reproduces_model_hidden_states(llama):
     with torch.no_grad():
         ref = llama(samples, output_hidden_states=True, use_cache=False).hidden_states
     hiddens, kwargs = capture_block_inputs(llama, samples, batch_size=2, device="cpu")
-    assert "past_key_values" not in kwargs[0] and kwargs[0]["use_cache"] is False
+    assert not set(CACHE_ARGUMENTS) & set(kwargs[0]) and kwargs[0]["use_cache"] is False
     for i, block in enumerate(decoder_blocks(llama)):
         assert torch.equal(torch.cat(hiddens), ref[i])
         hiddens = run_block(block, hiddens, kwargs)
@@ -33,8 +35,9 @@ def test_replay_with_a_cache_would_leak_between_samples(llama):
     block = decoder_blocks(llama)[0]
     clean = run_block(block, hiddens, kwargs)
     cache = DynamicCache(config=llama.config)
+    name = next(n for n in CACHE_ARGUMENTS if n in inspect.signature(block.forward).parameters)
     with torch.no_grad():
-        leaky = [block(h, **{**kw, "past_key_values": cache, "use_cache": True}) for h, kw in zip(hiddens, kwargs)]
+        leaky = [block(h, **{**kw, name: cache, "use_cache": True}) for h, kw in zip(hiddens, kwargs)]
     leaky = [o[0] if isinstance(o, tuple) else o for o in leaky]
     assert torch.equal(leaky[0], clean[0]) and not torch.allclose(leaky[1], clean[1])
 

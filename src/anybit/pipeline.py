@@ -84,6 +84,11 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> Non
             module._apply(lambda t: t.to(device), recurse=False)
 
 
+# What a decoder block's forward calls its KV cache, across transformers versions (5.17: past_key_values,
+# 5.25: cache): never replayed, so that no block sees the samples before.
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "cache")
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int, device):
     """Run the model up to its first decoder block; return per-batch hidden states and kwargs."""
@@ -94,7 +99,7 @@ def capture_block_inputs(model: nn.Module, samples: torch.Tensor, batch_size: in
     def grab(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         hiddens.append(hidden)
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        kw = {k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS + ("hidden_states",)}
         kw["use_cache"] = False
         kwargs_list.append(kw)
         raise _Captured

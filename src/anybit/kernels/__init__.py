@@ -24,7 +24,7 @@ On CUDA tensors these run the Triton kernels (``triton_lut``); elsewhere, or wit
 is the same function. Where ``tiled_codes_supported``, ``AnybitLinear`` keeps the codes of its
 blocks of up to 4 bits in the tiled order only (one copy), which the tensor-core kernels read.
 Activations fp16, bf16 or fp32; accumulation in fp32. For batch-1
-decoding capture the model in a CUDA graph, as the benchmarks do (benchmarks/kernels.py,
+decoding capture the model in a CUDA graph, as the benchmarks do (benchmarks/kernel_speed.py,
 benchmarks/decode.py): launched from Python, even planned, a call costs more host time than its
 kernels take (benchmarks/call_overhead.py).
 """

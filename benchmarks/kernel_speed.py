@@ -1,8 +1,8 @@
 """GPU benchmark and correctness check of the LUT linear kernels (anybit.kernels).
 
-    python3 benchmarks/kernels.py --quick-check   # checks, then the table (H100: ~3 min)
-    python3 benchmarks/kernels.py --sweep         # also time the tile configs in SWEEP
-    python3 benchmarks/kernels.py --smoke         # tiny, CPU + TRITON_INTERPRET=1: exercises this file
+    python3 benchmarks/kernel_speed.py --quick-check   # checks, then the table (H100: ~3 min)
+    python3 benchmarks/kernel_speed.py --sweep         # also time the tile configs in SWEEP
+    python3 benchmarks/kernel_speed.py --smoke         # tiny, CPU + TRITON_INTERPRET=1: exercises this file
 
 Per LLaMA-2-7B / LLaMA-3-8B linear shape (out x in), width (2, 3, 4 bits, and 3.25 = 75% 3-bit
 + 25% 4-bit rows as two row blocks; 2.25 = 75% 2-bit + 25% 3-bit with --widths) and batch (1, 2,
