@@ -2,6 +2,7 @@
 to end on a tiny model on the CPU (the GPU runs are in BENCHMARKS.md)."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent / "tests" / "kernels"))
 
 import decode  # noqa: E402
 import generate  # noqa: E402
 import quantize_speed  # noqa: E402
+from interpreted import require_interpreter  # noqa: E402
 from random_llama import random_llama  # noqa: E402
 
 
@@ -124,6 +127,17 @@ def test_quantize_speed_script_smoke(tmp_path):
     skim = rows[0]["stages_s"]
     assert skim["quantize/kmeans"] > 0 and skim["quantize/allocation"] > 0 and skim["calibration_forward"] > 0
     assert abs(rows[0]["honest_bits"] - 3.25) < 0.02 and rows[0]["packed_bytes"] > 0
+
+
+def test_gptq_speed_script_smoke(tmp_path):
+    # its own process: --smoke runs the kernel under Triton's interpreter, which must be set before import
+    require_interpreter()
+    proc = subprocess.run([sys.executable, str(BENCH / "gptq_speed.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gptq_speed.json").read_text())["rows"]
+    assert {(r["shape"], r["grid"]) for r in rows} == {(s, g) for s in ("40x96", "24x160") for g in ("codebook", "affine")}
+    assert all(r["codes_differ"] == 0 and r["loop_layer_error"] == r["fused_layer_error"] > 0 for r in rows)
 
 
 def test_generate_script_smoke(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from anybit.quant.gptq import RowGrid
+
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
     """Round scales to what fp16 storage keeps, so stored and in-memory models agree exactly."""
@@ -90,3 +92,9 @@ class AffineColumnQuantizer:
         code = quantize_affine(w[:, None], self._scale, self._zero, self._bits)
         self.codes[:, col] = code[:, 0].to(torch.uint8)
         return dequantize_affine(code, self._scale, self._zero)[:, 0]
+
+    def row_grid(self) -> RowGrid:
+        return RowGrid(scale=self._scale, zero=self._zero, maxq=2**self._bits - 1)
+
+    def record_codes(self, first: int, codes: torch.Tensor) -> None:
+        self.codes[:, first : first + codes.shape[1]] = codes
