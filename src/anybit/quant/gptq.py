@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from anybit.kernels import use_triton
 from anybit.timing import timed
 
 
@@ -42,11 +43,11 @@ class ColumnQuantizer(Protocol):
     def quantize_column(self, w: torch.Tensor, col: int) -> torch.Tensor:
         """Return the de-quantized value of column ``col`` (in GPTQ's processing order)."""
 
-    # Optional (CLAQ's per-column codebooks have neither): the fused path of ``gptq_quantize``.
-    def row_grid(self) -> RowGrid | None:
-        """The current group's grid (after ``start_group``) where it is one per row for all the
-        group's columns, so that a kernel can quantize a block of them at once; None: column by
-        column through ``quantize_column``."""
+    # Optional, for the fused path of ``gptq_quantize``: quantizers whose group's grid is one per row,
+    # the same for all the group's columns (CLAQ's per-column codebooks are not).
+    def row_grid(self) -> RowGrid:
+        """The current group's grid (after ``start_group``), for a kernel that quantizes a block of
+        its columns at once."""
 
     def record_codes(self, first: int, codes: torch.Tensor) -> None:
         """Keep the codes (rows x n) that the kernel found on ``row_grid`` for columns ``first`` on."""
@@ -99,7 +100,7 @@ def gptq_quantize(
     group = quantizer.group_size or cols
     aligned = group % blocksize == 0 or group >= cols or blocksize % group == 0
     if fused is None:
-        fused = aligned and _kernel_runs_on(w) and getattr(quantizer, "row_grid", None) is not None
+        fused = aligned and use_triton(w) and hasattr(quantizer, "row_grid")
     if fused:
         if not aligned:
             raise ValueError(f"fused GPTQ: groups of {group} columns neither fill nor divide blocks of {blocksize}")
@@ -113,40 +114,31 @@ def gptq_quantize(
         # rows of hinv1 divided by d once per block, each column costs a subtraction and one
         # rank-1 update.
         step1 = hinv1 / d[:, None]
-        grid = None
         if fused:
+            from anybit.kernels import gptq_columns  # Triton: imported only where it runs
+
             if i1 % group == 0:
                 quantizer.start_group(w[:, i1 : i1 + group], i1)
             grid = quantizer.row_grid()
-        if grid is not None:
-            from anybit.kernels import gptq_columns
-
             codes, diff1 = gptq_columns.quantize_block(w[:, i1:i2], step1, q[:, i1:i2], values=grid.values,
                                                        scale=grid.scale, zero=grid.zero, maxq=grid.maxq)
             quantizer.record_codes(i1, codes)
         else:
-            diff1 = _quantize_columns(w, i1, i2, step1, q, quantizer, group, started=fused)
+            diff1 = _quantize_columns(w, i1, i2, step1, q, quantizer, group)
         w[:, i2:] -= (diff1 / d[:, None]).t() @ hinv[i1:i2, i2:]
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     return q
 
 
-def _kernel_runs_on(w: torch.Tensor) -> bool:
-    from anybit.kernels import use_triton
-
-    return use_triton(w)
-
-
-def _quantize_columns(w, i1: int, i2: int, step1, q, quantizer: ColumnQuantizer, group: int, started: bool):
-    """Columns i1..i2 of ``w`` one at a time, from Python (the column loop ``gptq_columns`` fuses):
-    writes ``q``'s columns and returns each column's error w - q as a row ((i2 - i1) x rows).
-    ``started``: the group starting at i1 has had its ``start_group`` already."""
+def _quantize_columns(w, i1: int, i2: int, step1, q, quantizer: ColumnQuantizer, group: int):
+    """Columns i1..i2 of ``w`` one at a time, from Python (the loop ``gptq_columns`` runs in one
+    launch): writes ``q``'s columns and returns each column's error w - q as a row ((i2 - i1) x rows)."""
     w1 = w[:, i1:i2].clone()
     diff1 = torch.empty(i2 - i1, w.shape[0], device=w.device)
     for i in range(i2 - i1):
         col = i1 + i
-        if col % group == 0 and not (started and i == 0):
+        if col % group == 0:
             current = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group]
             quantizer.start_group(current, col)
         wc = w1[:, i]
