@@ -86,7 +86,7 @@ def ties_decided_as_torch(device: str) -> bool:
                       [-1.0, -1.0001, 0.5, 1.0, 5.0, -5.0]], device=device)
     eye = torch.eye(w.shape[1], device=device)
     q = torch.empty_like(w)
-    codes, err = gptq_columns.quantize_block(w, eye, q, values=lut)
+    codes, err = gptq_columns.quantize_block(w, eye, q, values=lut, midpoints=mids)
     want = torch.searchsorted(mids, w.contiguous())
     ok = torch.equal(codes.long(), want) and torch.equal(q, torch.gather(lut, 1, want)) and torch.equal(err.t(), w - q)
     scale, zero = torch.tensor([0.5, 0.25], device=device), torch.tensor([3.0, 0.0], device=device)

@@ -31,7 +31,7 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _gptq_block_kernel(w_ptr, w_stride, step_ptr, step_stride, values_ptr, mids_ptr, grid_stride, npoints,
+def _gptq_block_kernel(w_ptr, w_stride, step_ptr, step_stride, values_ptr, values_stride, mids_ptr, mids_stride, npoints,
                        scale_ptr, zero_ptr, maxq, q_ptr, q_stride, code_ptr, code_stride, err_ptr, err_stride,
                        rows, width, AFFINE: tl.constexpr, POINTS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                        BLOCK_COLS: tl.constexpr):
@@ -45,8 +45,8 @@ def _gptq_block_kernel(w_ptr, w_stride, step_ptr, step_stride, values_ptr, mids_
     else:  # the row's points and midpoints stay in registers: the loop's chain touches no memory
         k = tl.arange(0, POINTS)
         on_grid = live[:, None] & (k[None, :] < npoints)
-        values = tl.load(values_ptr + r[:, None] * grid_stride + k[None, :], mask=on_grid, other=0.0)
-        mids = tl.load(mids_ptr + r[:, None] * grid_stride + k[None, :],
+        values = tl.load(values_ptr + r[:, None] * values_stride + k[None, :], mask=on_grid, other=0.0)
+        mids = tl.load(mids_ptr + r[:, None] * mids_stride + k[None, :],
                        mask=live[:, None] & (k[None, :] < npoints - 1), other=float("inf"))
     for i in range(0, width):
         wc = tl.sum(tl.where(c[None, :] == i, w, 0.0), axis=1)  # column i as the earlier columns left it
@@ -65,13 +65,14 @@ def _gptq_block_kernel(w_ptr, w_stride, step_ptr, step_stride, values_ptr, mids_
 
 
 def quantize_block(w: torch.Tensor, step: torch.Tensor, q_out: torch.Tensor, *, values: torch.Tensor | None = None,
-                   scale: torch.Tensor | None = None, zero: torch.Tensor | None = None, maxq: int = 0):
+                   midpoints: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                   zero: torch.Tensor | None = None, maxq: int = 0):
     """Quantize the columns of ``w`` (rows x n, fp32; read, not changed) in order, GPTQ-style, in one launch.
 
     ``step`` (n x n): the block of H^-1's upper Cholesky factor with each row divided by its diagonal
     element, so column i's error e moves column j > i by -e * step[i, j]. The grid: ``values`` (rows x K,
-    each row's points ascending, +inf past its own count) or an affine ``scale``, ``zero`` (rows) and
-    ``maxq``. Writes the quantized values into ``q_out`` (rows x n, last dimension contiguous) and returns
+    each row's points ascending, +inf past its own count) with their ``midpoints`` (rows x K - 1, the
+    decision boundaries), or an affine ``scale``, ``zero`` (rows) and ``maxq``. Writes the quantized values into ``q_out`` (rows x n, last dimension contiguous) and returns
     ``(codes, err)``: codes (rows x n, uint8) and each column's error w - q as a row (n x rows)."""
     rows, n = w.shape
     if w.stride(1) != 1 or q_out.stride(1) != 1 or q_out.shape != w.shape:
@@ -82,18 +83,19 @@ def quantize_block(w: torch.Tensor, step: torch.Tensor, q_out: torch.Tensor, *, 
     affine = values is None
     if affine:
         scale, zero = scale.float().contiguous(), zero.float().contiguous()
-        values = mids = scale  # not read
+        values = midpoints = scale  # not read
         npoints = 2
     else:
-        values = values.float().contiguous()
+        values, midpoints = values.float().contiguous(), midpoints.float().contiguous()
         npoints = values.shape[1]
         if npoints > 256:
             raise ValueError(f"at most 256 points a row (uint8 codes), got {npoints}")
-        mids = torch.empty_like(values)
-        mids[:, :-1] = (values[:, 1:] + values[:, :-1]) * 0.5  # as CodebookColumnQuantizer's searchsorted
+        if midpoints.shape != (rows, npoints - 1):
+            raise ValueError(f"midpoints must be (rows, {npoints - 1}), got {tuple(midpoints.shape)}")
         scale = zero = values  # not read
     _gptq_block_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
-        w, w.stride(0), step, step.stride(0), values, mids, values.stride(0), npoints, scale, zero, maxq,
+        w, w.stride(0), step, step.stride(0), values, values.stride(0), midpoints, midpoints.stride(0), npoints,
+        scale, zero, maxq,
         q_out, q_out.stride(0), codes, codes.stride(0), err, err.stride(0), rows, n,
         AFFINE=affine, POINTS=triton.next_power_of_2(npoints), BLOCK_ROWS=BLOCK_ROWS,
         BLOCK_COLS=max(16, triton.next_power_of_2(n)), num_warps=4)

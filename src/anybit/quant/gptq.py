@@ -23,11 +23,13 @@ from anybit.timing import timed
 @dataclass(frozen=True)
 class RowGrid:
     """What every column of a group lands on, one grid per row: ``values`` (rows x K), each row's
-    points ascending (+inf past its own count, never nearest); or, without values, the affine grid
+    points ascending (+inf past its own count, never nearest), with the ``midpoints`` between them
+    (rows x K - 1) that decide which is nearest; or, without values, the affine grid
     code = clamp(round(w / scale) + zero, 0, maxq), value = scale * (code - zero) (``scale``,
     ``zero``: rows)."""
 
     values: torch.Tensor | None = None
+    midpoints: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     maxq: int = 0
@@ -105,6 +107,7 @@ def gptq_quantize(
         if not aligned:
             raise ValueError(f"fused GPTQ: groups of {group} columns neither fill nor divide blocks of {blocksize}")
         blocksize = min(blocksize, group)
+        from anybit.kernels import gptq_columns  # Triton: imported only where it runs
     q = torch.zeros_like(w)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -115,13 +118,12 @@ def gptq_quantize(
         # rank-1 update.
         step1 = hinv1 / d[:, None]
         if fused:
-            from anybit.kernels import gptq_columns  # Triton: imported only where it runs
-
             if i1 % group == 0:
                 quantizer.start_group(w[:, i1 : i1 + group], i1)
             grid = quantizer.row_grid()
             codes, diff1 = gptq_columns.quantize_block(w[:, i1:i2], step1, q[:, i1:i2], values=grid.values,
-                                                       scale=grid.scale, zero=grid.zero, maxq=grid.maxq)
+                                                       midpoints=grid.midpoints, scale=grid.scale, zero=grid.zero,
+                                                       maxq=grid.maxq)
             quantizer.record_codes(i1, codes)
         else:
             diff1 = _quantize_columns(w, i1, i2, step1, q, quantizer, group)
@@ -170,7 +172,7 @@ class CodebookColumnQuantizer:
         return torch.gather(self.lut, 1, code)[:, 0]
 
     def row_grid(self) -> RowGrid:
-        return RowGrid(values=self.lut)
+        return RowGrid(values=self.lut, midpoints=self.mid)
 
     def record_codes(self, first: int, codes: torch.Tensor) -> None:
         self.codes[:, first : first + codes.shape[1]] = codes
