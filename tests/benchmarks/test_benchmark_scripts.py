@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCH.parent / "tests" / "kernels"))
 import decode  # noqa: E402
 import generate  # noqa: E402
 import quantize_speed  # noqa: E402
+import torch_forward  # noqa: E402
 from interpreted import require_interpreter  # noqa: E402
 from random_llama import random_llama  # noqa: E402
 
@@ -145,3 +146,27 @@ def test_generate_script_smoke(tmp_path):
     rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "anybit 3.25"]
     assert all(r[mode]["tokens_per_s"] > 0 for r in rows for mode in ("compiled", "static eager", "default"))
+
+
+@pytest.mark.parametrize("layout", torch_forward.LAYOUTS)
+def test_torch_forward_layouts_are_what_the_methods_write(layout):
+    from anybit.nn import AnybitLinear
+
+    q = torch_forward.random_qweight(layout, 48, 200, torch.Generator().manual_seed(0))
+    assert q.kind == ("affine" if layout == "affine" else "lut")
+    if layout == "affine":
+        assert q.group_size == 128 and set(q.bits.tolist()) == {3}
+    else:
+        assert q.lut_axis == torch_forward.LAYOUTS.index(layout) and set(q.bits.tolist()) == {3, 4}
+    assert q.index_bits_per_weight() == (3.0 if layout == "affine" else 3.25)
+    assert (q.outliers is not None) == (layout == "cols")
+    assert AnybitLinear.from_quantized(q).spec.blocks
+
+
+def test_torch_forward_script_smoke(tmp_path):
+    assert torch_forward.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "torch_forward.json").read_text())
+    assert {r["layout"] for r in result["layers"]} == set(torch_forward.LAYOUTS)
+    assert all(r["anybit_ms"] > 0 and r["unpack_ms"] > 0 and r["pack_ms"] > 0 for r in result["layers"])
+    assert [r["linears"] for r in result["models"]] == ["dense fp32", *torch_forward.LAYOUTS]
+    assert all(r["tokens_per_s"] > 0 and r["forward_512_ms"] > 0 for r in result["models"])

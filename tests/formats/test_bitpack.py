@@ -41,3 +41,18 @@ def test_all_ones_fill_the_sign_bit():
 def test_width_out_of_range(bits):
     with pytest.raises(ValueError, match="bits must be in 1..8"):
         pack_bitplanes(torch.zeros(1, 4, dtype=torch.uint8), bits)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_rows_in_parts_pack_and_unpack_as_one(bits, monkeypatch):
+    """Large matrices go through in parts of rows (PART_CODES codes each): the words and codes
+    are those of the whole matrix at once, whatever the part size."""
+    from anybit.formats import bitpack
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (11, 70), generator=g, dtype=torch.uint8)
+    whole = pack_bitplanes(codes, bits)
+    for part_codes in (1, 96, 200):  # one row a part, one, two rows (3 chunks of 32 columns a row)
+        monkeypatch.setattr(bitpack, "PART_CODES", part_codes)
+        assert torch.equal(pack_bitplanes(codes, bits), whole)
+        assert torch.equal(unpack_bitplanes(whole, bits, 70), codes)
