@@ -14,7 +14,8 @@ Layouts (random codes and codebooks; the values do not change the speed), as the
 ``affine`` 3-bit groups of 128 columns (rtn, gptq, slim).
 
 1. Per layer, each linear shape of the model: ms per batch-1 call of ``AnybitLinear`` against
-   ``nn.Linear`` holding the same weights in fp32, and ms to unpack / pack its codes.
+   ``nn.Linear`` holding the same weights in fp32, and ms to unpack / pack the codes of its first width
+   block.
 2. Whole model: a Llama in SmolLM2-135M's shape (``random_llama``; fp32, as anybit loads that
    model) whose decoder-block linears are all ``AnybitLinear`` of one layout: greedy ``generate``
    tokens/s (16-token prompt, --new-tokens new) and ms of one 512-token forward (a perplexity
@@ -103,7 +104,8 @@ def layer_rows(shapes, repeats: int, gen: torch.Generator) -> list[dict]:
             dense = nn.Linear(in_f, out_f, bias=False)
             dense.weight.data = q.dequantize(torch.float32)
             assert torch.equal(module(x), dense(x)), "the torch forward must compute the dense product exactly"
-            (bits, words), = list((b, module.codes(b)) for b in module.spec.blocks)[:1]
+            bits = next(iter(module.spec.blocks))  # the first width block's codes: what unpack / pack time
+            words = module.codes(bits)
             codes = unpack_bitplanes(words, bits, module.spec.unit_length)
             rows.append({
                 "shape": f"{out_f}x{in_f}", "layout": layout,
