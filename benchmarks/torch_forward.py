@@ -41,11 +41,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
+from decode import block_linears  # noqa: E402
 from random_llama import SHAPES, random_llama, random_row_widths  # noqa: E402
 
 from anybit.fileio import write_json_atomic  # noqa: E402
 from anybit.formats.bitpack import pack_bitplanes, unpack_bitplanes  # noqa: E402
-from anybit.models import decoder_blocks  # noqa: E402
 from anybit.nn import AnybitLinear  # noqa: E402
 from anybit.quant.qweight import Outliers, QuantizedWeight  # noqa: E402
 
@@ -120,11 +120,10 @@ def layer_rows(shapes, repeats: int, gen: torch.Generator) -> list[dict]:
 
 
 def to_layout(model: nn.Module, layout: str, gen: torch.Generator) -> None:
-    for block in decoder_blocks(model):
-        for name, m in list(block.named_modules()):
-            if isinstance(m, nn.Linear):
-                q = random_qweight(layout, m.out_features, m.in_features, gen)
-                block.set_submodule(name, AnybitLinear.from_quantized(q))
+    """Every decoder-block linear replaced by an AnybitLinear of ``layout`` (``random_qweight``)."""
+    for block, name, m in block_linears(model):
+        q = random_qweight(layout, m.out_features, m.in_features, gen)
+        block.set_submodule(name, AnybitLinear.from_quantized(q))
 
 
 def dequantized(model: nn.Module) -> None:

@@ -52,7 +52,8 @@ def test_rows_in_parts_pack_and_unpack_as_one(bits, monkeypatch):
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2**bits, (11, 70), generator=g, dtype=torch.uint8)
     whole = pack_bitplanes(codes, bits)
-    for part_codes in (1, 96, 200):  # one row a part, one, two rows (3 chunks of 32 columns a row)
+    # 70 columns are 96 codes a row (bits x 96 values a row when packing): from one row a part to two
+    for part_codes in (1, 96, 200):
         monkeypatch.setattr(bitpack, "PART_CODES", part_codes)
         assert torch.equal(pack_bitplanes(codes, bits), whole)
         assert torch.equal(unpack_bitplanes(whole, bits, 70), codes)
