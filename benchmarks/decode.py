@@ -3,6 +3,7 @@
     python benchmarks/decode.py --device cuda                 # fp16, anybit 4 / 3.25 / 2.25 bits
     python benchmarks/decode.py --smoke                       # tiny model on the CPU
     python benchmarks/decode.py --device cuda --profile       # also each variant's kernels, time per call
+    python benchmarks/decode.py --device cuda --budgets --grids affine-g128-3 cols-3.25   # gptq g128, cmpq layouts
 
 One harness for every variant: ``StaticDecoder`` runs a Llama model's own modules one token at
 a time against a static KV cache (``--max-len`` positions), so a whole step -- embedding, 32
@@ -33,6 +34,9 @@ to 4 bits in their tiled order only (after its first forward): "resident_gib" is
 linears then hold, "block_linear_gib" the stored (checkpoint) size.
 On CUDA the fp16 model is timed first and again after the anybit variants (the same GPU state on
 both sides of them), and each "x fp16" is against the faster of the two.
+``--grids`` adds whole models in other layouts of ``random_llama.LAYOUTS`` (affine grids, per-column
+codebooks: ``anybit.kernels.triton_grid``, turned on for the run); their q/k/v and gate/up are stacked where
+the layout allows it (not per-column codebooks) and their glue is torch.compile's (no bit planes).
 Writes ``decode.json`` and ``decode.md`` to --out (default $OUT or the current directory).
 """
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -55,7 +60,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
-from random_llama import MIXES, random_llama, random_lut_block, random_row_widths  # noqa: E402
+from random_llama import LAYOUTS, MIXES, random_llama, random_lut_block, random_row_widths, random_weight  # noqa: E402
 
 from anybit.fileio import write_file_atomic  # noqa: E402
 from anybit.formats.packed import LinearSpec, codes_name, lut_name  # noqa: E402
@@ -96,6 +101,12 @@ def stack_linears(linears) -> nn.Module:
         if stacked.bias is not None:
             stacked.bias.copy_(torch.cat([m.bias for m in linears]))
     return stacked
+
+
+def stackable(m) -> bool:
+    """Whether ``stack_linears`` can join m with the linears that read its input (per-column codebooks
+    belong to one matrix: ``qweight.stack_rows``)."""
+    return not (isinstance(m, AnybitLinear) and m.spec.grid == "lut" and m.spec.lut_axis == 1)
 
 
 class StaticDecoder:
@@ -146,13 +157,14 @@ class StaticDecoder:
         linears = [m for _, _, m in block_linears(model)]
         # anybit's own fused glue: the residual add + RMSNorm and SiLU-and-multiply also write the bit
         # planes of their output, which the binary tensor-core kernel reads (no launch of its own)
-        self.planes = (fuse and all(isinstance(m, AnybitLinear) for m in linears) and tiled_codes_supported(p.device)
+        self.planes = (fuse and all(isinstance(m, AnybitLinear) and m.spec.grid == "lut" and m.spec.lut_axis == 0
+                                    for m in linears) and tiled_codes_supported(p.device)
                        if planes is None else planes)
         if self.planes:
             from anybit.kernels import xplanes
 
             self.norm_planes, self.silu_mul_planes = xplanes.add_rms_norm_planes, xplanes.silu_mul_planes
-        if fuse if stack is None else stack:
+        if fuse and all(stackable(m) for m in linears) if stack is None else stack:
             layers = model.model.layers
             self.qkv = [stack_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in layers]
             self.gate_up = [stack_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in layers]
@@ -296,6 +308,19 @@ def to_anybit(model, mix: dict[int, float], seed: int = 0) -> None:
         block.set_submodule(name, random_anybit_linear(m.out_features, m.in_features, mix, device, gen))
 
 
+def to_layout(model, layout: str, seed: int = 0) -> None:
+    """Replace every decoder-block linear by an AnybitLinear of ``random_llama.LAYOUTS``' ``layout`` (random
+    values, one weight a shape, each linear its own copy), in place."""
+    gen = torch.Generator().manual_seed(seed)
+    made = {}
+    for block, name, m in block_linears(model):
+        device = next(m.buffers()).device if isinstance(m, AnybitLinear) else m.weight.device
+        shape = (m.out_features, m.in_features)
+        if shape not in made:
+            made[shape] = AnybitLinear.from_quantized(random_weight(layout, *shape, gen)).to(device)
+        block.set_submodule(name, copy.deepcopy(made[shape]))
+
+
 def honest_bits(model) -> float:
     """Stored bits per weight of the block linears (all AnybitLinear)."""
     linears = [m for _, _, m in block_linears(model)]
@@ -435,7 +460,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama2-7b")
     p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--budgets", nargs="+", default=["4", "3.25", "2.25"], choices=list(MIXES))
+    p.add_argument("--budgets", nargs="*", default=["4", "3.25", "2.25"], choices=list(MIXES))
+    p.add_argument("--grids", nargs="*", default=[], choices=list(LAYOUTS),
+                   help="also whole models in these layouts of random_llama.LAYOUTS, e.g. affine-g128-3 cols-3.25")
     p.add_argument("--max-len", type=int, default=256, help="static KV cache length")
     p.add_argument("--steps", type=int, default=200, help="tokens per timed run (CUDA graph)")
     p.add_argument("--eager-steps", type=int, default=20)
@@ -464,9 +491,13 @@ def main(argv=None) -> int:
              "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **timed(model, args, cuda)}]
     print(json.dumps(rows[-1]), flush=True)
     originals = [(block, name, m) for block, name, m in block_linears(model)]
-    for budget in args.budgets:
-        to_anybit(model, MIXES[budget])
-        row = {"variant": f"anybit {budget}", "bits": round(honest_bits(model), 4),
+    variants = [(f"anybit {budget}", lambda budget=budget: to_anybit(model, MIXES[budget])) for budget in args.budgets]
+    variants += [(f"anybit {layout}", lambda layout=layout: to_layout(model, layout)) for layout in args.grids]
+    if args.grids:
+        os.environ["ANYBIT_GRID_KERNELS"] = "1"  # their kernels, on request for now (kernels.grid_kernels_on)
+    for variant, make in variants:
+        make()
+        row = {"variant": variant, "bits": round(honest_bits(model), 4),
                "block_linear_gib": round(linear_bytes(model) / 2**30, 3), **timed(model, args, cuda)}
         row["resident_gib"] = round(resident_bytes(model) / 2**30, 3)
         if cuda:  # the kernels against the pure-torch path; the fused glue against the plain step
@@ -475,7 +506,7 @@ def main(argv=None) -> int:
             row["logits_rel_err_fused_vs_plain"] = rel_err(first_step_logits(model, args, fuse=True), plain)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if cuda and args.budgets:
+    if cuda and variants:
         # the dense model again, after the quantized ones: the same GPU state on both sides of them (a run's
         # first variant was up to 2.5% off its second run, H100), and every ratio against the faster of the two
         for block, name, m in originals:

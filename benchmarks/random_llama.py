@@ -1,5 +1,5 @@
-"""Llama models in real shapes with random weights, and random packed codebook blocks, for speed
-work (no download, no checkpoint).
+"""Llama models in real shapes with random weights, random packed codebook blocks, and random quantized
+weights in the layouts the methods write (``LAYOUTS``), for speed work (no download, no checkpoint).
 
 ``random_llama("llama2-7b")`` builds ``LlamaForCausalLM`` from a config with its parameters
 materialised straight on ``device`` in ``dtype``: N(0, 0.02) linears and embeddings, unit
@@ -100,3 +100,40 @@ def random_lut_block(rows: int, cols: int, bits: int, device, lut_dtype=torch.fl
         packed = pack_bitplanes(codes, bits).to(device)
     lut = (torch.randn(rows, 2**bits, device=device).sort(dim=1).values * 0.02).half()
     return packed, lut.to(lut_dtype)
+
+
+# Layouts as the methods write them: (share of units by width, affine group size or None for codebooks, axis of
+# the codebooks). rows-3.25: per-row codebooks, 75% 3-bit and 25% 4-bit rows (skim, squeezellm at 3.25 bits);
+# cols-3.25: per-column codebooks, 75% 3-bit and 25% 4-bit columns, OUTLIER_SHARE fp16 outliers (cmpq, claq);
+# affine-g128-3 / -3.25: 3-bit groups of 128 columns (gptq, rtn --group-size 128) / 25% of them 4-bit (slim);
+# affine-row-4: one 4-bit grid a row (gptq, rtn's default group size 0).
+LAYOUTS = {"rows-3.25": (MIXES["3.25"], None, 0), "cols-3.25": (MIXES["3.25"], None, 1),
+           "affine-g128-3": (MIXES["3"], 128, None), "affine-g128-3.25": (MIXES["3.25"], 128, None),
+           "affine-row-4": (MIXES["4"], 0, None)}
+OUTLIER_SHARE = 0.005
+
+
+def random_weight(layout: str, out_f: int, in_f: int, gen: torch.Generator):
+    """A ``QuantizedWeight`` of ``LAYOUTS[layout]``: random codes, sorted random codebooks, scales, zeros in the
+    middle of the grid, outliers (values do not change the speed)."""
+    from anybit.quant.qweight import Outliers, QuantizedWeight
+
+    mix, group, axis = LAYOUTS[layout]
+    if group is None:  # codebooks, per row (axis 0) or per column (axis 1)
+        widths = random_row_widths(out_f if axis == 0 else in_f, mix, gen).int()
+        limits = (2 ** widths.long()).view(-1, 1) if axis == 0 else (2 ** widths.long()).view(1, -1)
+        codes = (torch.randint(0, 256, (out_f, in_f), generator=gen) % limits).to(torch.uint8)
+        lut = (torch.randn(widths.numel(), 2 ** max(mix), generator=gen).sort(1).values * 0.02).half()
+        q = QuantizedWeight(out_f, in_f, codes, widths, lut=lut, lut_axis=axis)
+        if axis == 1:
+            n = round(OUTLIER_SHARE * out_f * in_f)
+            positions = torch.randperm(out_f * in_f, generator=gen)[:n].sort().values
+            q.outliers = Outliers(positions, (torch.randn(n, generator=gen) * 0.1).half())
+        return q
+    groups = -(-in_f // group) if group else 1
+    widths = random_row_widths(groups, mix, gen).int()
+    column_widths = widths.repeat_interleave(group or in_f)[:in_f]
+    codes = (torch.randint(0, 256, (out_f, in_f), generator=gen) % (2 ** column_widths.long())).to(torch.uint8)
+    scales = (torch.rand(out_f, groups, generator=gen) * 0.01 + 0.001).half()
+    zeros = (2 ** (widths.long() - 1)).expand(out_f, groups).half()
+    return QuantizedWeight(out_f, in_f, codes, widths, scales=scales, zeros=zeros, group_size=group)

@@ -41,45 +41,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
-from decode import block_linears  # noqa: E402
-from random_llama import SHAPES, random_llama, random_row_widths  # noqa: E402
+from decode import block_linears, to_layout  # noqa: E402
+from random_llama import SHAPES, random_llama, random_weight  # noqa: E402
 
 from anybit.fileio import write_json_atomic  # noqa: E402
 from anybit.formats.bitpack import pack_bitplanes, unpack_bitplanes  # noqa: E402
 from anybit.nn import AnybitLinear  # noqa: E402
-from anybit.quant.qweight import Outliers, QuantizedWeight  # noqa: E402
+from anybit.quant.qweight import QuantizedWeight  # noqa: E402
 
 LAYOUTS = ("rows", "cols", "affine")
-MIX = {3: 0.75, 4: 0.25}  # 3.25 bits of codes
-OUTLIER_SHARE = 0.005
-GROUP = 128
-
-
-def _codes_below(limits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return (torch.randint(0, 256, limits.shape, generator=gen) % limits).to(torch.uint8)
+LAYOUT_OF = {"rows": "rows-3.25", "cols": "cols-3.25", "affine": "affine-g128-3"}  # in random_llama.LAYOUTS
 
 
 def random_qweight(layout: str, out_f: int, in_f: int, gen: torch.Generator) -> QuantizedWeight:
     """A ``QuantizedWeight`` of ``layout`` with random codes, codebooks, scales and outliers."""
-    if layout in ("rows", "cols"):
-        axis = LAYOUTS.index(layout)
-        units = out_f if axis == 0 else in_f
-        widths = random_row_widths(units, MIX, gen).int()
-        lut = (torch.randn(units, 2 ** max(MIX), generator=gen).sort(1).values * 0.02).half()
-        limits = (2 ** widths.long()).view(-1, 1) if axis == 0 else (2 ** widths.long()).view(1, -1)
-        q = QuantizedWeight(out_f, in_f, _codes_below(limits.expand(out_f, in_f), gen), widths, lut=lut,
-                            lut_axis=axis)
-        if layout == "cols":
-            n = round(OUTLIER_SHARE * out_f * in_f)
-            positions = torch.randperm(out_f * in_f, generator=gen)[:n].sort().values
-            q.outliers = Outliers(positions, (torch.randn(n, generator=gen) * 0.1).half())
-        return q
-    groups = -(-in_f // GROUP)
-    bits = torch.full((groups,), 3, dtype=torch.int32)
-    scales = (torch.rand(out_f, groups, generator=gen) * 0.01 + 0.001).half()
-    zeros = torch.full((out_f, groups), 4.0).half()
-    return QuantizedWeight(out_f, in_f, _codes_below(torch.full((out_f, in_f), 8), gen), bits,
-                           scales=scales, zeros=zeros, group_size=GROUP)
+    return random_weight(LAYOUT_OF[layout], out_f, in_f, gen)
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -117,13 +93,6 @@ def layer_rows(shapes, repeats: int, gen: torch.Generator) -> list[dict]:
             })
             print(rows[-1], flush=True)
     return rows
-
-
-def to_layout(model: nn.Module, layout: str, gen: torch.Generator) -> None:
-    """Every decoder-block linear replaced by an AnybitLinear of ``layout`` (``random_qweight``)."""
-    for block, name, m in block_linears(model):
-        q = random_qweight(layout, m.out_features, m.in_features, gen)
-        block.set_submodule(name, AnybitLinear.from_quantized(q))
 
 
 def dequantized(model: nn.Module) -> None:
@@ -188,7 +157,7 @@ def main(argv=None) -> int:
     for layout in (None,) + LAYOUTS if "random" in parts else ():
         model = random_llama(shape, dtype=torch.float32, device="cpu", fill_device="cpu", seed=args.seed)
         if layout is not None:
-            to_layout(model, layout, gen)
+            to_layout(model, LAYOUT_OF[layout], args.seed)
         result["models"].append(model_row(model, shape, layout or "dense fp32", new_tokens, repeats, args.seed))
         print(result["models"][-1], flush=True)
     if args.checkpoint and "checkpoint" in parts:

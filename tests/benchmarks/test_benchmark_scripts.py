@@ -18,6 +18,7 @@ import generate  # noqa: E402
 import quantize_speed  # noqa: E402
 import torch_forward  # noqa: E402
 from interpreted import require_interpreter  # noqa: E402
+import random_llama as random_llama_module  # noqa: E402
 from random_llama import random_llama  # noqa: E402
 
 
@@ -170,3 +171,32 @@ def test_torch_forward_script_smoke(tmp_path):
     assert all(r["anybit_ms"] > 0 and r["unpack_ms"] > 0 and r["pack_ms"] > 0 for r in result["layers"])
     assert [r["linears"] for r in result["models"]] == ["dense fp32", *torch_forward.LAYOUTS]
     assert all(r["tokens_per_s"] > 0 and r["forward_512_ms"] > 0 for r in result["models"])
+
+
+@pytest.mark.parametrize("layout", list(random_llama_module.LAYOUTS))
+def test_random_weights_have_their_layout(layout):
+    mix, group, axis = random_llama_module.LAYOUTS[layout]
+    q = random_llama_module.random_weight(layout, 48, 300, torch.Generator().manual_seed(0))
+    assert q.kind == ("lut" if group is None else "affine")
+    assert (q.lut_axis == axis) if group is None else (q.group_size == group)
+    widths = q.bits.tolist()
+    assert set(widths) == set(mix) and abs(sum(widths) / len(widths) - sum(b * s for b, s in mix.items())) < 0.1
+    assert (q.outliers is not None) == (axis == 1)
+
+
+def test_grid_kernels_script_smoke(tmp_path, monkeypatch):
+    import grid_kernels
+
+    monkeypatch.setenv("ANYBIT_GRID_KERNELS", "1")  # the script turns them on; restored after
+    assert grid_kernels.main(["--smoke", "--batches", "1,3", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "grid_kernels.json").read_text())
+    assert {r["layout"] for r in result["rows"]} == set(grid_kernels.GRID_LAYOUTS) and result["failures"] == 0
+    assert all(r["kernel us"] > 0 and r["torch path us"] > 0 and r["fp16 F.linear us"] > 0 for r in result["rows"])
+
+
+def test_decode_script_runs_whole_models_in_grid_layouts(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANYBIT_GRID_KERNELS", "1")
+    assert decode.main(["--smoke", "--budgets", "--grids", "affine-g128-3", "cols-3.25", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "anybit affine-g128-3", "anybit cols-3.25"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -6,7 +6,7 @@ from anybit.nn import linear as linear_module
 from anybit.nn.reference import codes_at
 from anybit.formats.bitpack import pack_bitplanes
 from anybit.formats.packed import codes_name
-from tests.formats.random_qweights import all_kinds, random_lut, with_extras
+from tests.formats.random_qweights import all_kinds, random_affine, random_lut, with_extras
 
 KINDS = all_kinds()
 
@@ -74,13 +74,21 @@ def test_cpu_never_asks_for_kernels(monkeypatch):
     assert not called
 
 
-def test_kernel_path_only_for_row_codebooks_on_cuda(monkeypatch):
-    """Which path a forward takes, without a GPU: the kernel path needs per-row codebooks, a
-    CUDA input and kernels that are switched on; everything else decodes for one dense matmul."""
+def test_kernel_path_only_on_cuda_where_a_kernel_serves_the_grid(monkeypatch):
+    """Which path a forward takes, without a GPU: per-row codebooks take their kernels on a CUDA input
+    with kernels switched on; the other grids where ``grid_mode`` names a kernel for the call;
+    everything else decodes for one dense matmul."""
+    served = []
+
     class FakeKernels:
         @staticmethod
         def use_triton(x):
             return True
+
+        @staticmethod
+        def grid_mode(grid, lut_axis, group_size, x):
+            served.append((grid, lut_axis, group_size))
+            return 1 if grid == "lut" else None
 
     class CudaLike:
         is_cuda = True
@@ -88,8 +96,10 @@ def test_kernel_path_only_for_row_codebooks_on_cuda(monkeypatch):
     monkeypatch.setattr(linear_module, "_kernels", lambda: FakeKernels)
     rows = AnybitLinear.from_quantized(random_lut(8, 40, 0, seed=1))
     cols = AnybitLinear.from_quantized(random_lut(8, 40, 1, seed=2))
-    assert rows.uses_kernel(CudaLike()) and not cols.uses_kernel(CudaLike())
-    assert not rows.uses_kernel(torch.zeros(1))
+    affine = AnybitLinear.from_quantized(random_affine(8, 40, 32, seed=3))
+    assert rows.uses_kernel(CudaLike()) and cols.uses_kernel(CudaLike()) and not affine.uses_kernel(CudaLike())
+    assert served == [("lut", 1, 0), ("affine", 0, 32)]
+    assert not rows.uses_kernel(torch.zeros(1)) and not cols.uses_kernel(torch.zeros(1))
 
 
 def test_kernel_path_matches_dense_path(monkeypatch):
@@ -137,7 +147,7 @@ def test_tiled_codes_are_the_one_copy_and_the_stored_layout_comes_back(monkeypat
     want, saved = module(x), {k: v.clone() for k, v in module.state_dict().items()}
     module.keep_tiled_codes()
     narrow = [bits for bits in module.spec.blocks if bits <= 4]
-    assert narrow and module.tiled_widths() == narrow
+    assert narrow and module.kernel_order_widths() == narrow
     assert all(codes_name(b) not in dict(module.named_buffers()) for b in narrow)
     assert all(codes_name(b) in dict(module.named_buffers()) for b in module.spec.blocks if b > 4)
     state = module.state_dict()
@@ -151,13 +161,33 @@ def test_tiled_codes_are_the_one_copy_and_the_stored_layout_comes_back(monkeypat
     assert all((b[0] is None) == (b[2] <= 4) and (b[4] is not None) == (b[2] <= 4) for b in blocks)
     assert torch.allclose(module(x), want, atol=1e-4, rtol=1e-4)  # block by block, codes untiled per call
     module.half().float()  # casts keep the tiled codes and coefficients as they are
-    assert module.tiled_widths() == narrow
+    assert module.kernel_order_widths() == narrow
     other = AnybitLinear.from_quantized(with_extras(random_lut(40, 300, 0, seed=3, widths=(2, 6)), seed=4))
     other.keep_tiled_codes()
     other.load_state_dict(module.state_dict())  # back to the stored order, then loaded in place
-    assert other.tiled_widths() == [] and torch.allclose(other(x), want, atol=1e-4, rtol=1e-4)
+    assert other.kernel_order_widths() == [] and torch.allclose(other(x), want, atol=1e-4, rtol=1e-4)
     module.keep_stored_codes()
-    assert module.tiled_widths() == [] and not any(n.startswith("tiled_") for n, _ in module.named_buffers())
+    assert module.kernel_order_widths() == [] and not any(n.startswith("tiled_") for n, _ in module.named_buffers())
+    assert all(torch.equal(t, saved[k]) for k, t in module.state_dict().items())
+
+
+def test_row_codes_of_per_column_codebooks_are_the_one_copy_and_the_stored_layout_comes_back():
+    """keep_row_codes (what a GPU forward does where ``triton_grid`` runs): a per-column-codebook block's
+    codes packed along its columns only; checkpoint layout, packed tensors and products unchanged."""
+    q = with_extras(random_lut(40, 70, 1, seed=4, widths=(2, 5)), seed=4)
+    module = AnybitLinear.from_quantized(q)
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(4))
+    want, saved = module(x), {k: v.clone() for k, v in module.state_dict().items()}
+    module.keep_row_codes()
+    assert module.kernel_order_widths() == list(module.spec.blocks)
+    buffers = dict(module.named_buffers())
+    for bits, (cols, _) in module.spec.blocks.items():
+        assert codes_name(bits) not in buffers and buffers[f"row_codes_{bits}"].shape == (40, -(-cols // 32) * bits)
+    assert all(torch.equal(t, saved[k]) for k, t in module.state_dict().items()) and set(module.state_dict()) == set(saved)
+    assert all(torch.equal(t, saved[k]) for k, t in module.packed().items())
+    assert torch.equal(module(x), want)
+    module.keep_stored_codes()
+    assert module.kernel_order_widths() == [] and not any(n.startswith("row_codes") for n, _ in module.named_buffers())
     assert all(torch.equal(t, saved[k]) for k, t in module.state_dict().items())
 
 
@@ -181,7 +211,7 @@ def test_cuda_forward_keeps_one_tiled_copy_and_matches_dense(dtype):
         err = float((module(x[:batch]).float() - dense[:batch]).norm() / dense[:batch].norm())
         assert err < 1e-2 if dtype == torch.bfloat16 else err < 1e-3, (batch, err)
     if kernels.tiled_codes_supported(x.device):
-        assert module.tiled_widths() == [b for b in module.spec.blocks if b <= 4]
+        assert module.kernel_order_widths() == [b for b in module.spec.blocks if b <= 4]
         resident = sum(t.numel() * t.element_size() for t in module.buffers())
         assert resident < 1.5 * stored, (resident, stored)  # padding and coefficients, not a second copy
     assert all(torch.equal(t.cpu(), saved[k]) for k, t in module.state_dict().items())  # the checkpoint layout

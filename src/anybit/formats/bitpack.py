@@ -66,3 +66,8 @@ def unpack_bitplanes(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
             out |= (((w[part, :, p, None] >> bitpos) & 1) << p).to(torch.uint8)
     codes = codes.view(rows, chunks * CHUNK)
     return codes if cols == codes.shape[1] else codes[:, :cols].contiguous()
+
+
+def transpose_packed(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The codes of a packed (rows x cols) matrix packed the other way: (cols x rows), packed along rows."""
+    return pack_bitplanes(unpack_bitplanes(words, bits, cols).t(), bits)

@@ -15,6 +15,9 @@ Public entry points:
   ``triton_bmma.prepare_block``'s operands: subset coefficients and the codes in the tiled order
   of ``tiling``, is passed on to ``launch_blocks``; with it the codes may be None), all writing
   straight into one output: at batch 1 one launch for up to two blocks, one more for the outliers.
+- ``grid_linear(x2, blocks, mode, y2, *, inv_input_scale=None, outliers=None)``: the grids without a codebook
+  per row (``triton_grid``: affine grids per row and group, codebooks per column), CUDA only; x in its
+  original column order. ``grid_mode(spec, x)`` says whether it serves a linear's call.
 - ``plan_linear_blocks(blocks, in_features, batch, dtype, device, *, input_scale=None, outliers=None)``:
   the same call for a caller that repeats it (``AnybitLinear`` at decoding's batch sizes), its launch
   decisions made once and its launches run straight through their compiled kernels (``launcher``).
@@ -45,7 +48,7 @@ from anybit.kernels.reference import (
 )
 from anybit.kernels.tiling import KTILE, stored_codes, tile_shape
 
-__all__ = ["lut_linear", "lut_linear_blocks", "lut_linear_ref", "plan_linear_blocks", "triton_available", "use_triton"]
+__all__ = ["grid_linear", "grid_mode", "lut_linear", "lut_linear_blocks", "lut_linear_ref", "plan_linear_blocks", "triton_available", "use_triton"]
 
 
 def triton_available() -> bool:
@@ -56,14 +59,14 @@ def triton_available() -> bool:
     return True
 
 
-def _triton_runs_on(device: torch.device) -> bool:
+def triton_runs_on(device: torch.device) -> bool:
     return (device.type == "cuda" and os.environ.get("ANYBIT_KERNELS", "").lower() != "reference"
             and triton_available())
 
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ``lut_linear`` runs the Triton kernels for an input on ``x``'s device."""
-    return _triton_runs_on(x.device)
+    return triton_runs_on(x.device)
 
 
 def tiled_codes_supported(device) -> bool:
@@ -72,7 +75,7 @@ def tiled_codes_supported(device) -> bool:
     ``triton_bmma.prepare_block``'s operands alone (binary tensor cores for 1-2 rows of x, the
     fragment kernel for 3-16 rows of fp16 or bf16 x; the other kernels untile them per call)."""
     device = torch.device(device)
-    if not _triton_runs_on(device):
+    if not triton_runs_on(device):
         return False
     from anybit.kernels import triton_bmma
 
@@ -157,6 +160,43 @@ def lut_linear_blocks(x: torch.Tensor, blocks: Iterable[Sequence], out_features:
     if outliers is not None:
         add_outliers_ref(x.reshape(-1, in_features), outliers, out.view(-1, out_features))
     return out
+
+
+def grid_kernels_on() -> bool:
+    """Whether ``triton_grid`` serves affine and per-column-codebook calls on CUDA: for now on request
+    (``ANYBIT_GRID_KERNELS=1``). Its kernels are checked against the dense product under Triton's
+    interpreter and compile for sm_90, but no GPU has run them yet (benchmarks/KERNEL_NOTES.md,
+    twenty-second session); until one has, those layouts keep the pure-torch path by default."""
+    return os.environ.get("ANYBIT_GRID_KERNELS", "") == "1"
+
+
+def grid_mode(grid: str, lut_axis: int, group_size: int, x: torch.Tensor) -> int | None:
+    """``triton_grid``'s mode for a linear of this grid called with ``x`` (None: no kernel serves it --
+    per-row codebooks have their own, a CPU or the reference path decodes the weight, the grid kernels
+    are off (``grid_kernels_on``), an affine group whose columns are not a multiple of 32, more rows of x
+    than ``triton_grid.MAX_BATCH``)."""
+    if (grid == "lut" and lut_axis == 0) or not grid_kernels_on() or not use_triton(x):
+        return None
+    from anybit.kernels import triton_grid
+
+    mode = triton_grid.COLUMNS if grid == "lut" else triton_grid.AFFINE
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > triton_grid.MAX_BATCH or not triton_grid.supports(mode, group_size):
+        return None
+    return mode
+
+
+def grid_linear(x2: torch.Tensor, blocks, mode: int, y2: torch.Tensor, *,
+                inv_input_scale: torch.Tensor | None = None, outliers=None) -> torch.Tensor:
+    """y2 = x2 * inv_input_scale @ W^T (+ x2 @ S^T) for an affine or per-column-codebook W given as its width
+    blocks (``triton_grid.GridBlock``), x2 in its original column order (``grid_mode`` says when);
+    ``inv_input_scale``: fp32 reciprocals of the input scale."""
+    from anybit.kernels import triton_grid
+
+    triton_grid.launch(x2, blocks, mode, y2, inv_input_scale)
+    if outliers is not None:
+        _triton().launch_outliers(x2, *csr_parts(outliers), y2)
+    return y2
 
 
 def plan_linear_blocks(blocks: Iterable[Sequence], in_features: int, batch: int, dtype: torch.dtype, device, *,

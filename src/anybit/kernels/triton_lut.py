@@ -442,19 +442,25 @@ def _lut_dot_kernel(x_ptr, codes_ptr, lut_ptr, scale_ptr, ridx_ptr, y_ptr, ws_pt
         dst = tl.load(ridx_ptr + rows, mask=rmask, other=0)
     else:
         dst = rows
-    ptrs = y_ptr + ms[None, :] * stride_ym + dst[:, None]
-    omask = rmask[:, None] & (ms[None, :] < M)
-    if SPLIT == 1:
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    store_or_add_part(acc, y_ptr + ms[None, :] * stride_ym + dst[:, None], ws_ptr + ms[None, :] * R + rows[:, None],
+                      sem_ptr + pid, rmask[:, None] & (ms[None, :] < M), SPLIT)
+
+
+@triton.jit
+def store_or_add_part(acc, ptrs, wptrs, ticket_ptr, omask, PARTS):
+    """Split-K's end of a program: with one part, store fp32 ``acc`` at ``ptrs`` (in their dtype); else add
+    it into the fp32 workspace at ``wptrs`` and take a ticket at ``ticket_ptr``: the tile's last part reads
+    the sums back, stores them and zeroes its workspace and ticket, ready for the next launch."""
+    if PARTS == 1:
+        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=omask)
     else:
-        wptrs = ws_ptr + ms[None, :] * R + rows[:, None]
         tl.atomic_add(wptrs, acc, mask=omask)
-        ticket = tl.atomic_add(sem_ptr + pid, 1)
-        if ticket == SPLIT - 1:
-            tot = tl.atomic_add(wptrs, tl.zeros_like(acc), mask=omask)  # read through L2
-            tl.store(ptrs, tot.to(y_ptr.dtype.element_ty), mask=omask)
+        ticket = tl.atomic_add(ticket_ptr, 1)
+        if ticket == PARTS - 1:
+            total = tl.atomic_add(wptrs, tl.zeros_like(acc), mask=omask)  # read through L2
+            tl.store(ptrs, total.to(ptrs.dtype.element_ty), mask=omask)
             tl.store(wptrs, tl.zeros_like(acc), mask=omask)
-            tl.atomic_xchg(sem_ptr + pid, 0)
+            tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
@@ -526,13 +532,13 @@ def config_for(mode: str, rows: int, in_features: int, bits: int, batch: int) ->
 _WORKSPACE: dict = {}
 
 
-def _sm_count(device) -> int:
+def sm_count(device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _workspace(device, n: int, tiles: int):
+def workspace(device, n: int, tiles: int):
     """Zeroed fp32 partial sums and int32 tickets for split-K, kept per device; the kernel leaves
     them zeroed. Grown outside any CUDA graph capture by the first (warm-up) call of a size."""
     key = (device.type, device.index)
@@ -684,10 +690,10 @@ def _launch_dot(x2, codes, lut, bits, in_features, y2, row_index, scale, config,
     f16 = x2.dtype == torch.float16 and not has_scale
     tiles = triton.cdiv(R, block_r)
     if split <= 0:  # enough programs to fill the GPU: about 4 per multiprocessor
-        split = max(1, min(8, round(4 * _sm_count(x2.device) / tiles), nchunk // (2 * u)))
+        split = max(1, min(8, round(4 * sm_count(x2.device) / tiles), nchunk // (2 * u)))
     cps = triton.cdiv(triton.cdiv(nchunk, split), u) * u
     split = triton.cdiv(nchunk, cps)
-    ws, sem = _workspace(x2.device, 16 * R, tiles) if split > 1 else (x2, codes)
+    ws, sem = workspace(x2.device, 16 * R, tiles) if split > 1 else (x2, codes)
     for m0 in range(0, M, 16):
         xm = x2[m0:m0 + 16]
         ym = y2[m0:m0 + 16]

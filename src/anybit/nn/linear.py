@@ -6,8 +6,10 @@ input once, then the kernels write every width block's rows straight into the ou
 scale applied inside; one launch for up to two blocks), and one more launch adds the sparse
 outliers' correction; the weight is never decoded as a whole. Where the tensor-core kernels run,
 the first forward keeps the codes of blocks of up to 4 bits in their tiled order instead of the
-stored one (``keep_tiled_codes``: still one copy); ``state_dict`` and ``packed`` untile them. Everywhere else the
-pure-torch path decodes the weight (unpack + codebook lookup) for the one matmul and drops it:
+stored one (``keep_tiled_codes``: still one copy); ``state_dict`` and ``packed`` untile them. Affine grids and
+per-column codebooks on CUDA, for calls of up to ``triton_grid.MAX_BATCH`` rows, where ``kernels.grid_kernels_on``:
+``triton_grid``'s kernels, which decode a tile of codes at a time and read x through one index a block
+(per-column codes then kept packed along the columns: ``keep_row_codes``). Everywhere else the pure-torch path decodes the weight (unpack + codebook lookup) for the one matmul and drops it:
 the same dense product the in-memory quantized model computes, so a saved-and-loaded model
 gives identical logits.
 """
@@ -22,6 +24,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from anybit.formats.bitpack import transpose_packed
 from anybit.formats.packed import (
     LinearSpec, affine_column_widths, codes_name, lut_name, outlier_rows_cols, pack_weight, scales_name,
     unit_widths, unpack_weight, zeros_name,
@@ -34,6 +37,8 @@ from anybit.quant.qweight import QuantizedWeight, stack_rows
 # Non-persistent buffers of ``keep_tiled_codes``: a block's codes in the tiled order, its subset coefficients.
 TILED_CODES = "tiled_codes_{}"
 SUBSET_COEF = "subset_coef_{}"
+# Non-persistent buffer of ``keep_row_codes``: a per-column-codebook block's codes packed along its columns.
+ROW_CODES = "row_codes_{}"
 # Rows of x up to which a call's launches are planned once and kept (``_launch_plan``): decoding's batches.
 PLANNED_BATCH = 16
 
@@ -95,10 +100,13 @@ class AnybitLinear(nn.Module):
         if stored is not None:
             return stored
         rows = getattr(self, lut_name(bits)).shape[0]
-        return untile_codes(self._buffers[TILED_CODES.format(bits)], bits, rows, -(-self.in_features // 32))
+        if TILED_CODES.format(bits) in self._buffers:
+            return untile_codes(self._buffers[TILED_CODES.format(bits)], bits, rows, -(-self.in_features // 32))
+        return transpose_packed(self._buffers[ROW_CODES.format(bits)], bits, rows)
 
-    def tiled_widths(self) -> list[int]:
-        """The width blocks whose codes are kept in the tiled order only (``keep_tiled_codes``)."""
+    def kernel_order_widths(self) -> list[int]:
+        """The width blocks whose codes are kept in a kernel's order only (``keep_tiled_codes``,
+        ``keep_row_codes``)."""
         return [bits for bits in self.spec.blocks if self._buffers.get(codes_name(bits)) is None]
 
     def keep_tiled_codes(self) -> None:
@@ -121,17 +129,35 @@ class AnybitLinear(nn.Module):
             self._buffers[codes_name(bits)] = None  # the stored order lives on in the tiled copy only
         self._kernel_operands = None
 
+    def keep_row_codes(self) -> None:
+        """Per-column codebooks: keep each block's codes packed along its columns (a row of W a row of
+        words, as ``triton_grid`` reads them) instead of the stored order (along the outputs): still one
+        copy. ``state_dict`` and ``packed`` give the stored order back; ``AnybitLinear`` does this itself
+        on the first forward where ``triton_grid`` runs."""
+        if not (self.spec.grid == "lut" and self.spec.lut_axis == 1):
+            return
+        for bits in self.spec.blocks:
+            codes = self._buffers.get(codes_name(bits))
+            if codes is None:
+                continue
+            rows = transpose_packed(codes, bits, self.out_features)
+            self.register_buffer(ROW_CODES.format(bits), rows, persistent=False)
+            self._buffers[codes_name(bits)] = None
+        self._kernel_operands = None
+
     def keep_stored_codes(self) -> None:
-        """Undo ``keep_tiled_codes``: every block's codes in the stored order again."""
-        for bits in self.tiled_widths():
+        """Undo ``keep_tiled_codes`` and ``keep_row_codes``: every block's codes in the stored order again."""
+        for bits in self.kernel_order_widths():
             self._buffers[codes_name(bits)] = self.codes(bits)
-            del self._buffers[TILED_CODES.format(bits)], self._buffers[SUBSET_COEF.format(bits)]
-            self._non_persistent_buffers_set -= {TILED_CODES.format(bits), SUBSET_COEF.format(bits)}
+            kept = {TILED_CODES.format(bits), SUBSET_COEF.format(bits), ROW_CODES.format(bits)}
+            for name in kept & set(self._buffers):
+                del self._buffers[name]
+            self._non_persistent_buffers_set -= kept
         self._kernel_operands = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for bits in self.tiled_widths():  # the checkpoint holds the stored order
+        for bits in self.kernel_order_widths():  # the checkpoint holds the stored order
             codes = self.codes(bits)
             destination[prefix + codes_name(bits)] = codes if keep_vars else codes.detach()
 
@@ -171,8 +197,15 @@ class AnybitLinear(nn.Module):
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         kernels = _kernels() if x.is_cuda else None
-        return (kernels is not None and self.spec.grid == "lut" and self.spec.lut_axis == 0
-                and kernels.use_triton(x))
+        if kernels is None:
+            return False
+        if self.spec.grid == "lut" and self.spec.lut_axis == 0:
+            return kernels.use_triton(x)
+        return self._grid_mode(x) is not None
+
+    def _grid_mode(self, x: torch.Tensor) -> int | None:
+        """``kernels.grid_mode`` of this linear for x (affine grids, per-column codebooks)."""
+        return _kernels().grid_mode(self.spec.grid, self.spec.lut_axis, self.spec.group_size, x)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.keep_stored_codes()  # the checkpoint's layout, loaded in place; tiled again on the next GPU forward
@@ -191,9 +224,15 @@ class AnybitLinear(nn.Module):
         cached = getattr(self, "_kernel_operands", None)
         if cached is not None and cached[0] == self._buffers_key():
             return cached[1]
+        spec = self.spec
+        if not (spec.grid == "lut" and spec.lut_axis == 0):
+            if device is not None and _kernels().triton_runs_on(torch.device(device)):
+                self.keep_row_codes()
+            operands = self._grid_operands()
+            self._kernel_operands = (self._buffers_key(), operands)
+            return operands
         if device is not None and _kernels().tiled_codes_supported(device):
             self.keep_tiled_codes()
-        spec = self.spec
         perm = self.perm.long() if spec.perm else None
         blocks = []
         for bits in spec.blocks:
@@ -204,15 +243,49 @@ class AnybitLinear(nn.Module):
         scale = self.input_scale if spec.input_scale else None
         outliers = None
         if spec.outliers:
-            rows, cols = outlier_rows_cols(self.outlier_indptr, self.outlier_indices)
-            # Outliers replace weights: add x times (outlier - quantized weight) at their positions.
-            delta = self.outlier_values.float() - self.weight_at(rows, cols)
+            indptr, cols, delta = self._outlier_corrections()
             stored = torch.argsort(perm)[cols] if perm is not None else cols
-            outliers = (self.outlier_indptr.int(), stored.int(), delta)
+            outliers = (indptr, stored.int(), delta)
         operands = dict(perm=perm, blocks=blocks, outliers=outliers, plans={},
                         input_scale=None if scale is None else (scale[perm] if perm is not None else scale))
         self._kernel_operands = (self._buffers_key(), operands)
         return operands
+
+    def _outlier_corrections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CSR (indptr, original columns, values) of x's corrections for the outliers: they replace
+        weights, so a kernel that computed with the quantized weight adds x times (outlier - weight)."""
+        rows, cols = outlier_rows_cols(self.outlier_indptr, self.outlier_indices)
+        return self.outlier_indptr.int(), cols, self.outlier_values.float() - self.weight_at(rows, cols)
+
+    def _grid_operands(self) -> dict:
+        """``kernel_operands`` of an affine or per-column-codebook linear: ``triton_grid.GridBlock``s
+        reading x in its original column order (each block's columns through one index: the
+        permutation and the block's membership), the input scale's fp32 reciprocals in that order, the
+        outliers' CSR."""
+        from anybit.kernels.triton_grid import GridBlock
+
+        spec = self.spec
+        perm = self.perm.long() if spec.perm else None
+        affine = spec.grid == "affine"
+        blocks = []
+        for bits, shape in spec.blocks.items():
+            members = self.block_members(bits)
+            index = members if perm is None else (perm if members is None else perm[members])
+            values = getattr(self, scales_name(bits) if affine else lut_name(bits))
+            rows = self._buffers.get(ROW_CODES.format(bits))
+            if rows is None:
+                rows = self.codes(bits) if affine else transpose_packed(self.codes(bits), bits, spec.out_features)
+            blocks.append(GridBlock(rows.contiguous(), values.contiguous(),
+                                    getattr(self, zeros_name(bits)).contiguous() if affine else None, bits,
+                                    shape[1] if affine else shape[0],
+                                    None if index is None else index.int().contiguous(),
+                                    spec.group_size if affine else 0))
+        outliers = None
+        if spec.outliers:
+            indptr, cols, delta = self._outlier_corrections()
+            outliers = (indptr, cols.int(), delta)
+        return dict(blocks=blocks, outliers=outliers,
+                    inv_input_scale=1.0 / self.input_scale.float() if spec.input_scale else None)
 
     def forward(self, x: torch.Tensor, planes=None) -> torch.Tensor:
         """``planes``: ``anybit.kernels.xplanes``' planes of x, when the op that made x wrote them too
@@ -232,6 +305,12 @@ class AnybitLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features, expected {self.in_features}")
         ops = self.kernel_operands(x.device)
+        mode = self._grid_mode(x)
+        if mode is not None:
+            y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype, device=x.device)
+            _kernels().grid_linear(x.reshape(-1, self.in_features), ops["blocks"], mode, y.view(-1, self.out_features),
+                                   inv_input_scale=ops["inv_input_scale"], outliers=ops["outliers"])
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         xs = x[..., ops["perm"]] if ops["perm"] is not None else x
         if ops["perm"] is not None or ops["input_scale"] is not None:
             planes = None
