@@ -9,7 +9,8 @@ the first forward keeps the codes of blocks of up to 4 bits in their tiled order
 stored one (``keep_tiled_codes``: still one copy); ``state_dict`` and ``packed`` untile them. Affine grids and
 per-column codebooks on CUDA, for calls of up to ``triton_grid.MAX_BATCH`` rows, where ``kernels.grid_kernels_on``:
 ``triton_grid``'s kernels, which decode a tile of codes at a time and read x through one index a block
-(per-column codes then kept packed along the columns: ``keep_row_codes``). Everywhere else the pure-torch path decodes the weight (unpack + codebook lookup) for the one matmul and drops it:
+(per-column codes then kept packed along the columns: ``keep_row_codes``). Everywhere else the
+pure-torch path decodes the weight (unpack + codebook lookup) for the one matmul and drops it:
 the same dense product the in-memory quantized model computes, so a saved-and-loaded model
 gives identical logits.
 """
