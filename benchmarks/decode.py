@@ -106,7 +106,7 @@ def stack_linears(linears) -> nn.Module:
 def stackable(m) -> bool:
     """Whether ``stack_linears`` can join m with the linears that read its input (per-column codebooks
     belong to one matrix: ``qweight.stack_rows``)."""
-    return not (isinstance(m, AnybitLinear) and m.spec.grid == "lut" and m.spec.lut_axis == 1)
+    return not (isinstance(m, AnybitLinear) and m.spec.column_codebooks)
 
 
 class StaticDecoder:
@@ -157,8 +157,8 @@ class StaticDecoder:
         linears = [m for _, _, m in block_linears(model)]
         # anybit's own fused glue: the residual add + RMSNorm and SiLU-and-multiply also write the bit
         # planes of their output, which the binary tensor-core kernel reads (no launch of its own)
-        self.planes = (fuse and all(isinstance(m, AnybitLinear) and m.spec.grid == "lut" and m.spec.lut_axis == 0
-                                    for m in linears) and tiled_codes_supported(p.device)
+        self.planes = (fuse and all(isinstance(m, AnybitLinear) and m.spec.row_codebooks for m in linears)
+                       and tiled_codes_supported(p.device)
                        if planes is None else planes)
         if self.planes:
             from anybit.kernels import xplanes

@@ -35,7 +35,8 @@ sys.path.insert(0, HERE)
 from anybit.fileio import write_json_atomic  # noqa: E402
 from anybit.nn import AnybitLinear  # noqa: E402
 
-from kernel_speed import bench_calls  # noqa: E402  (after anybit: it would stand in a bare package)
+from decode import kernels_env  # noqa: E402
+from kernel_speed import bench_calls, rel_err  # noqa: E402  (after anybit: it would stand in a bare package)
 from random_llama import LAYOUTS, random_weight  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
@@ -65,11 +66,6 @@ def eager_us(calls) -> float:
     import triton
 
     return triton.testing.do_bench(all_calls, warmup=2, rep=60, return_mode="median") / len(calls) * 1e3
-
-
-def rel_err(y, ref) -> float:
-    y, ref = y.double(), ref.double()
-    return float("inf") if not torch.isfinite(y).all() else ((y - ref).norm() / ref.norm()).item()
 
 
 @torch.no_grad()
@@ -106,11 +102,8 @@ def case_rows(layout, out_f, in_f, batches, gen, device, smoke, sweep):
             label = "kernel" if config is None else "kernel " + ",".join(map(str, config))
             row[f"{label} us"] = round(us, 2)
             row[f"{label} rel_err"] = float(f"{err:.2e}")
-        os.environ["ANYBIT_KERNELS"] = "reference"
-        try:
+        with kernels_env("reference"):
             row["torch path us"] = round(eager_us([lambda m=m: m(x) for m in modules]), 1)
-        finally:
-            del os.environ["ANYBIT_KERNELS"]
         fp16 = (eager_us if device == "cpu" else graph_us)([lambda w=w: F.linear(x, w) for w in dense_copies])
         row["fp16 F.linear us"] = round(fp16, 2)
         row["kernel x fp16"] = round(fp16 / row["kernel us"], 2)

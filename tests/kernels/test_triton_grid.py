@@ -45,12 +45,12 @@ def case_errors(device: str, dtype: torch.dtype) -> dict[str, float]:
         q = make()
         module = AnybitLinear.from_quantized(q).to(device)
         ops = module._grid_operands()
-        mode = triton_grid.AFFINE if module.spec.grid == "affine" else triton_grid.COLUMNS
+        assert {b.mode for b in ops["blocks"]} == {triton_grid.AFFINE if module.spec.grid == "affine" else triton_grid.COLUMNS}
         for batch in batches:
             x = torch.randn(batch, q.in_features, generator=torch.Generator().manual_seed(batch)).to(device, dtype)
             want = x.double() @ q.dequantize(torch.float64).t().to(device)
             y = torch.full((batch, q.out_features), float("nan"), dtype=dtype, device=device)
-            grid_linear(x, ops["blocks"], mode, y, inv_input_scale=ops["inv_input_scale"], outliers=ops["outliers"])
+            grid_linear(x, ops["blocks"], y, inv_input_scale=ops["inv_input_scale"], outliers=ops["outliers"])
             errors[f"{name}-b{batch}"] = rel_err(y, want)
     return errors
 

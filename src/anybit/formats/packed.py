@@ -69,6 +69,16 @@ class LinearSpec:
     bias: bool = False
 
     @property
+    def row_codebooks(self) -> bool:
+        """A codebook per row (skim, squeezellm: the per-row kernels' layout)."""
+        return self.grid == "lut" and self.lut_axis == 0
+
+    @property
+    def column_codebooks(self) -> bool:
+        """A codebook per input column (cmpq, claq)."""
+        return self.grid == "lut" and self.lut_axis == 1
+
+    @property
     def group_columns(self) -> int:
         """Columns per affine group (the whole row when ``group_size`` is 0)."""
         return self.group_size or self.in_features

@@ -15,9 +15,9 @@ Public entry points:
   ``triton_bmma.prepare_block``'s operands: subset coefficients and the codes in the tiled order
   of ``tiling``, is passed on to ``launch_blocks``; with it the codes may be None), all writing
   straight into one output: at batch 1 one launch for up to two blocks, one more for the outliers.
-- ``grid_linear(x2, blocks, mode, y2, *, inv_input_scale=None, outliers=None)``: the grids without a codebook
+- ``grid_linear(x2, blocks, y2, *, inv_input_scale=None, outliers=None)``: the grids without a codebook
   per row (``triton_grid``: affine grids per row and group, codebooks per column), CUDA only; x in its
-  original column order. ``grid_mode(spec, x)`` says whether it serves a linear's call.
+  original column order. ``grid_mode(grid, lut_axis, group_size, x)`` says whether it serves a linear's call.
 - ``plan_linear_blocks(blocks, in_features, batch, dtype, device, *, input_scale=None, outliers=None)``:
   the same call for a caller that repeats it (``AnybitLinear`` at decoding's batch sizes), its launch
   decisions made once and its launches run straight through their compiled kernels (``launcher``).
@@ -186,14 +186,14 @@ def grid_mode(grid: str, lut_axis: int, group_size: int, x: torch.Tensor) -> int
     return mode
 
 
-def grid_linear(x2: torch.Tensor, blocks, mode: int, y2: torch.Tensor, *,
+def grid_linear(x2: torch.Tensor, blocks, y2: torch.Tensor, *,
                 inv_input_scale: torch.Tensor | None = None, outliers=None) -> torch.Tensor:
     """y2 = x2 * inv_input_scale @ W^T (+ x2 @ S^T) for an affine or per-column-codebook W given as its width
     blocks (``triton_grid.GridBlock``), x2 in its original column order (``grid_mode`` says when);
     ``inv_input_scale``: fp32 reciprocals of the input scale."""
     from anybit.kernels import triton_grid
 
-    triton_grid.launch(x2, blocks, mode, y2, inv_input_scale)
+    triton_grid.launch(x2, blocks, y2, inv_input_scale)
     if outliers is not None:
         _triton().launch_outliers(x2, *csr_parts(outliers), y2)
     return y2

@@ -68,6 +68,11 @@ class GridBlock:
     x_index: torch.Tensor | None = None
     group_columns: int = 0
 
+    @property
+    def mode(self) -> int:
+        """AFFINE (scales and zeros) or COLUMNS (per-column codebooks)."""
+        return COLUMNS if self.zeros is None else AFFINE
+
 
 @triton.jit
 def _x_at(x_rows, scale_ptr, xidx_ptr, col, cmask, rmask, HAS_INDEX: tl.constexpr, HAS_SCALE: tl.constexpr):
@@ -235,7 +240,7 @@ def supports(mode: int, group_columns: int) -> bool:
     return step_columns(mode, group_columns) is not None
 
 
-def launch(x2: torch.Tensor, blocks: list[GridBlock], mode: int, y2: torch.Tensor,
+def launch(x2: torch.Tensor, blocks: list[GridBlock], y2: torch.Tensor,
            inv_input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y2 (M, out_features) = x2 (M, in_features, original column order) * inv_input_scale @ W^T for W's width
     blocks (``inv_input_scale``: fp32 reciprocals of the input scale, original order)."""
@@ -244,6 +249,10 @@ def launch(x2: torch.Tensor, blocks: list[GridBlock], mode: int, y2: torch.Tenso
         x2 = x2.contiguous()
     if y2.stride(-1) != 1:
         raise ValueError("the output must be contiguous in its last dimension")
+    modes = {block.mode for block in blocks}
+    if len(modes) != 1:
+        raise ValueError("the blocks of one linear share their grid: affine or per-column codebooks")
+    (mode,) = modes
     dot, block_m, block_n, warps, stages = launch_shape(mode, M)
     n_tiles, m_tiles = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
     launches = []

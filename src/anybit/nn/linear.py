@@ -118,7 +118,7 @@ class AnybitLinear(nn.Module):
         ``AnybitLinear`` does this itself on the first GPU forward where ``tiled_codes_supported``."""
         from anybit.kernels import triton_bmma
 
-        if not (self.spec.grid == "lut" and self.spec.lut_axis == 0):
+        if not self.spec.row_codebooks:
             return
         for bits in self.spec.blocks:
             codes = self._buffers.get(codes_name(bits))
@@ -135,7 +135,7 @@ class AnybitLinear(nn.Module):
         words, as ``triton_grid`` reads them) instead of the stored order (along the outputs): still one
         copy. ``state_dict`` and ``packed`` give the stored order back; ``AnybitLinear`` does this itself
         on the first forward where ``triton_grid`` runs."""
-        if not (self.spec.grid == "lut" and self.spec.lut_axis == 1):
+        if not self.spec.column_codebooks:
             return
         for bits in self.spec.blocks:
             codes = self._buffers.get(codes_name(bits))
@@ -200,7 +200,7 @@ class AnybitLinear(nn.Module):
         kernels = _kernels() if x.is_cuda else None
         if kernels is None:
             return False
-        if self.spec.grid == "lut" and self.spec.lut_axis == 0:
+        if self.spec.row_codebooks:
             return kernels.use_triton(x)
         return self._grid_mode(x) is not None
 
@@ -226,7 +226,7 @@ class AnybitLinear(nn.Module):
         if cached is not None and cached[0] == self._buffers_key():
             return cached[1]
         spec = self.spec
-        if not (spec.grid == "lut" and spec.lut_axis == 0):
+        if not spec.row_codebooks:
             if device is not None and _kernels().triton_runs_on(torch.device(device)):
                 self.keep_row_codes()
             operands = self._grid_operands()
@@ -306,10 +306,9 @@ class AnybitLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features, expected {self.in_features}")
         ops = self.kernel_operands(x.device)
-        mode = self._grid_mode(x)
-        if mode is not None:
+        if not self.spec.row_codebooks:  # uses_kernel: triton_grid serves the call
             y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype, device=x.device)
-            _kernels().grid_linear(x.reshape(-1, self.in_features), ops["blocks"], mode, y.view(-1, self.out_features),
+            _kernels().grid_linear(x.reshape(-1, self.in_features), ops["blocks"], y.view(-1, self.out_features),
                                    inv_input_scale=ops["inv_input_scale"], outliers=ops["outliers"])
             return y if self.bias is None else y + self.bias.to(y.dtype)
         xs = x[..., ops["perm"]] if ops["perm"] is not None else x
@@ -344,7 +343,7 @@ class AnybitLinear(nn.Module):
         """The de-quantized weight (outliers not applied) at original positions (rows[i], cols[i]), fp32."""
         spec = self.spec
         stored = torch.argsort(self.perm.long())[cols] if spec.perm else cols
-        member, along = (rows, stored) if spec.grid == "lut" and spec.lut_axis == 0 else (stored, rows)
+        member, along = (rows, stored) if spec.row_codebooks else (stored, rows)
         widths = self.member_widths()
         slot = torch.empty(widths.numel(), dtype=torch.long, device=widths.device)  # index inside its block
         values = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
